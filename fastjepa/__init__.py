@@ -1,0 +1,3 @@
+"""fastjepa: I-JEPA pretraining with packed variable-length token sets."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,212 @@
+"""Typed run configuration: JSON file -> dotted ``key=value`` overrides -> validated dataclasses.
+
+Sections: ``model``, ``mask``, ``data``, ``optim``, ``train``, ``deepspeed``. An unknown key is an error
+that names it and the closest valid key; a bad value is an error that names its key.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Tuple
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key or file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_range(name: str, pair: Tuple[float, float], low: float, high: float) -> Tuple[float, float]:
+    a, b = pair
+    if not (low <= a <= b <= high):
+        raise ValueError(f"{name} must satisfy {low} <= min <= max <= {high}, got {list(pair)}")
+    return pair
+
+
+class ModelConfig(_Section):
+    arch: Literal["tiny", "small", "base", "large", "huge", "giant"] = "huge"
+    embed_dim: Optional[int] = None  # None: the arch's width (tiny 192 ... giant 1408)
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    patch_size: int = 14
+    img_size: int = 224
+    in_chans: int = 3
+    pred_depth: int = 12
+    pred_embed_dim: int = 384
+    pred_num_heads: Optional[int] = None  # None: the encoder's head count (official init_model)
+    attention_backend: Literal["auto", "sdpa", "triton"] = "auto"
+
+    @model_validator(mode="after")
+    def _grid(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        return self
+
+
+class MaskConfig(_Section):
+    num_targets: int = 4
+    target_scale: Tuple[float, float] = (0.15, 0.2)
+    target_aspect: Tuple[float, float] = (0.75, 1.5)
+    context_scale: Tuple[float, float] = (0.85, 1.0)
+    context_aspect: Tuple[float, float] = (1.0, 1.0)
+    min_keep: int = 10
+    allow_overlap: bool = False
+    truncate: bool = False  # True: cut every mask to the batch minimum, like the official collator
+
+    @field_validator("target_scale", "context_scale")
+    @classmethod
+    def _scale(cls, v, info):
+        return _check_range(f"mask.{info.field_name}", v, 0.0, 1.0)
+
+    @field_validator("target_aspect", "context_aspect")
+    @classmethod
+    def _aspect(cls, v, info):
+        return _check_range(f"mask.{info.field_name}", v, 1e-3, 1e3)
+
+
+class DataConfig(_Section):
+    dataset: Literal["folder", "fashion-mnist", "synthetic"] = "folder"
+    root: Optional[str] = None  # folder: the tree; fashion-mnist: the .gz directory
+    loader: Literal["auto", "torch", "dali"] = "auto"
+    num_workers: int = 2
+    crop_scale: Tuple[float, float] = (0.3, 1.0)
+    synthetic_size: int = 4096
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop(cls, v):
+        return _check_range("data.crop_scale", v, 1e-3, 1.0)
+
+
+class OptimConfig(_Section):
+    lr: float = 1e-3
+    start_lr: float = 2e-4
+    final_lr: float = 1e-6
+    warmup_steps: int = 25_000
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: Optional[float] = None
+    ema_momentum: Tuple[float, float] = (0.996, 1.0)
+
+    @field_validator("ema_momentum")
+    @classmethod
+    def _ema(cls, v):
+        return _check_range("optim.ema_momentum", v, 0.0, 1.0)
+
+
+class TrainConfig(_Section):
+    max_steps: int = 187_500
+    batch_size: int = 128  # per rank, per micro-step
+    grad_accum_steps: int = 1
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "bf16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    loss: Literal["smooth_l1", "l2"] = "smooth_l1"
+    max_nonfinite_steps: int = 10  # this many skipped steps in a row stop the run (with a checkpoint)
+    tensorboard: bool = True
+    progress: Literal["auto", "on", "off"] = "auto"
+
+    @model_validator(mode="after")
+    def _positive(self):
+        for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1")
+        return self
+
+
+class DeepSpeedConfig(_Section):
+    enabled: Literal["auto", "on", "off"] = "auto"  # auto: on when started by the deepspeed launcher
+    zero_stage: int = 0
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _stage(cls, v):
+        if v not in (0, 1, 2):
+            raise ValueError(f"deepspeed.zero_stage must be 0, 1 or 2 here (got {v})")
+        return v
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    mask: MaskConfig = MaskConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def _check_keys(raw: dict, schema: type[BaseModel], prefix: str = "") -> None:
+    """Raise ConfigError for the first key the schema does not know, naming the closest valid one."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a JSON object")
+    fields = schema.model_fields
+    for key, value in raw.items():
+        if key not in fields:
+            valid = [prefix + name for name in fields]
+            close = difflib.get_close_matches(prefix + key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"unknown config key '{prefix + key}'{hint}")
+        sub = fields[key].annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            _check_keys(value, sub, prefix + key + ".")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string such as data.root=/data/in1k
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as JSON when they parse) to a raw dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        path, text = item.split("=", 1)
+        parts = path.split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = _parse_value(text)
+    return raw
+
+
+def build_config(raw: dict) -> Config:
+    _check_keys(raw, Config)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"config key '{key}': {first['msg']}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a JSON config (or start from the defaults when path is None) and apply overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file '{path}' is not valid JSON: {err}") from None
+    return build_config(apply_overrides(raw, list(overrides)))

@@ -1,0 +1,117 @@
+"""Batches for I-JEPA: each DataLoader item is a whole batch (images + packed masks), made in a worker.
+
+The sampler yields keys ``(epoch, step_in_epoch, micro_step)``; the dataset turns a key into this
+rank's share of that global batch. Everything random (the permutation, crops, masks) is seeded by
+(seed, epoch, step, rank), so resuming at a step reproduces the exact batches that would have come.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..masks import MaskSampler, PackedMasks
+from .sources import build_source
+from .transforms import ImageTransform
+
+MAX_REPLACEMENTS = 16  # unreadable images in a row before a batch gives up
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # [B, C, S, S] float32, normalised
+    labels: torch.Tensor  # [B] int64
+    masks: PackedMasks
+    epoch: int
+    step_in_epoch: int
+    skipped: int  # unreadable images replaced in this batch
+
+    def pin_memory(self) -> "Batch":
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.masks.pin_memory(),
+                     self.epoch, self.step_in_epoch, self.skipped)
+
+
+class BatchKeys(Sampler):
+    """Keys of micro-batches from ``start`` (a global micro-step) to ``stop``."""
+
+    def __init__(self, steps_per_epoch: int, start: int, stop: int):
+        self.steps_per_epoch, self.start, self.stop = steps_per_epoch, start, stop
+
+    def __iter__(self):
+        for micro in range(self.start, self.stop):
+            yield divmod(micro, self.steps_per_epoch)
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+class JEPABatches(Dataset):
+    def __init__(self, source, transform: ImageTransform, mask_sampler: MaskSampler, batch_size: int,
+                 seed: int, rank: int = 0, world_size: int = 1):
+        self.source, self.transform, self.mask_sampler = source, transform, mask_sampler
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        global_batch = batch_size * world_size
+        if len(source) < global_batch:
+            raise ValueError(
+                f"the data set has {len(source)} images, fewer than one global batch "
+                f"(train.batch_size={batch_size} x {world_size} ranks)"
+            )
+        self.steps_per_epoch = len(source) // global_batch
+
+    def indices(self, epoch: int, step: int) -> np.ndarray:
+        order = np.random.default_rng([self.seed, epoch, 0x5045]).permutation(len(self.source))
+        start = (step * self.world_size + self.rank) * self.batch_size
+        return order[start : start + self.batch_size]
+
+    def _load(self, index: int, rng: np.random.Generator):
+        """(tensor, label, skipped): an unreadable image is replaced by the next one and counted."""
+        for skipped in range(MAX_REPLACEMENTS):
+            i = (index + skipped) % len(self.source)
+            try:
+                img = self.source.load(i)
+            except Exception as err:  # noqa: BLE001 -- any decode failure: skip and count
+                warnings.warn(f"skipping unreadable image {self.source.describe(i)}: {err}")
+                continue
+            return self.transform(img, rng), int(self.source.labels[i]), skipped
+        raise RuntimeError(f"{MAX_REPLACEMENTS} unreadable images in a row from {self.source.describe(index)}")
+
+    def __getitem__(self, key) -> Batch:
+        epoch, step = key
+        rng = np.random.default_rng([self.seed, epoch, step, self.rank, 0x494D])
+        images, labels, skipped = [], [], 0
+        for i in self.indices(epoch, step):
+            x, y, s = self._load(int(i), rng)
+            images.append(x)
+            labels.append(y)
+            skipped += s
+        masks = self.mask_sampler(len(images), self.seed, epoch, step, self.rank)
+        return Batch(torch.stack(images), torch.tensor(labels), masks, epoch, step, skipped)
+
+    def __len__(self):
+        return self.steps_per_epoch
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+def build_batches(cfg, grid, rank: int = 0, world_size: int = 1) -> JEPABatches:
+    if cfg.data.loader == "dali":
+        raise ValueError("data.loader='dali' is not available in this build; use data.loader=torch or auto")
+    source = build_source(cfg.data, cfg.model.img_size, "train")
+    transform = ImageTransform(cfg.model.img_size, cfg.model.in_chans, cfg.data.crop_scale)
+    masks = MaskSampler(cfg.mask, grid)
+    return JEPABatches(source, transform, masks, cfg.train.batch_size, cfg.train.seed, rank, world_size)
+
+
+def build_loader(batches: JEPABatches, start_micro_step: int, stop_micro_step: int, num_workers: int,
+                 pin_memory: bool = False) -> DataLoader:
+    keys = BatchKeys(batches.steps_per_epoch, start_micro_step, stop_micro_step)
+    return DataLoader(
+        batches, batch_size=None, sampler=keys, num_workers=num_workers, pin_memory=pin_memory,
+        worker_init_fn=_worker_init if num_workers else None, persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )

@@ -1,0 +1,45 @@
+"""The I-JEPA predictor: a narrow ViT over packed (context tokens + one block's mask tokens) sequences."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fastjepa_kernels import gather_tokens
+
+from ..masks import PackedMasks
+from .pos_embed import sincos_2d
+from .vit import LN_EPS, Block, init_weights, resolve_backend
+
+
+class Predictor(nn.Module):
+    """``context [T_ctx, D]`` (context-encoder output) + masks -> predictions ``[T_tgt, D]`` ordered
+    like ``masks.tgt_index``."""
+
+    def __init__(self, grid, embed_dim=1280, pred_dim=384, depth=12, num_heads=16, mlp_ratio=4.0,
+                 attention_backend="sdpa"):
+        super().__init__()
+        self.predictor_embed = nn.Linear(embed_dim, pred_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, pred_dim))
+        self.register_buffer("pos_embed", sincos_2d(pred_dim, *grid), persistent=False)
+        self.blocks = nn.ModuleList(Block(pred_dim, num_heads, mlp_ratio, attention_backend) for _ in range(depth))
+        self.norm = nn.LayerNorm(pred_dim, eps=LN_EPS)
+        self.predictor_proj = nn.Linear(pred_dim, embed_dim)
+        init_weights(self, self.blocks)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, context: torch.Tensor, masks: PackedMasks) -> torch.Tensor:
+        x = self.predictor_embed(context)
+        # source table: every context row, then the shared mask token as row T_ctx
+        table = torch.cat([x, self.mask_token.to(x.dtype)], dim=0)
+        x = gather_tokens(table, masks.pred_src) + self.pos_embed.to(x.dtype).index_select(0, masks.pred_pos)
+        for blk in self.blocks:
+            x = blk(x, masks.pred_cu_seqlens, masks.pred_max_seqlen)
+        x = x.index_select(0, masks.pred_out)  # only the target rows need the head
+        return self.predictor_proj(self.norm(x))
+
+
+def build_predictor(cfg, encoder) -> Predictor:
+    return Predictor(
+        grid=encoder.grid, embed_dim=encoder.embed_dim, pred_dim=cfg.pred_embed_dim, depth=cfg.pred_depth,
+        num_heads=cfg.pred_num_heads or encoder.num_heads, attention_backend=resolve_backend(cfg.attention_backend),
+    )

@@ -1,0 +1,14 @@
+"""Entry point: ``python fastjepa/train.py --config configs/demo.json --output-dir DIR [key=value ...]``
+or ``deepspeed [--num_accelerators N] fastjepa/train.py --config C ...``."""
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: import the package, not this folder's modules
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    sys.path.insert(0, os.path.dirname(here))
+
+from fastjepa.trainer import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""The I-JEPA trainer: one process (CPU or one GPU) or data-parallel through DeepSpeed.
+
+One step, as data (everything on the device; lengths come from the host-side masks):
+  images -> target encoder (all N tokens, no grad) ----------------------------> h [B, N, D]
+  images -> context encoder (packed context tokens) -> predictor (context + mask tokens per block)
+         -> predictions [T_tgt, D] -> loss vs layer_norm(h) at the target rows -> backward -> AdamW
+  -> EMA: target <- momentum * target + (1 - momentum) * context encoder
+A non-finite loss or gradient sets ``found_inf`` on the device: the fused AdamW skips its update and
+the EMA uses momentum 1, so nothing changes and the host never waits to find out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fastjepa_kernels import ema_, jepa_target_loss
+
+from . import schedules
+from .checkpoint import export_safetensors, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, load_config
+from .data.loader import build_batches, build_loader
+from .flops import step_flops
+from .metrics import MetricsLogger
+from .models import build_encoder, build_predictor
+from .optim import build_optimizer, set_hyperparameters
+
+
+class IJEPA(nn.Module):
+    """Context encoder + predictor: the modules that get gradients. ``forward`` -> predictions [T_tgt, D]."""
+
+    def __init__(self, encoder: nn.Module, predictor: nn.Module):
+        super().__init__()
+        self.encoder, self.predictor = encoder, predictor
+
+    def forward(self, images, masks):
+        context = self.encoder(images, masks.ctx_index, masks.ctx_cu_seqlens, masks.ctx_max_seqlen)
+        return self.predictor(context, masks)
+
+
+def build_models(cfg: Config):
+    """(IJEPA online model, target encoder) with the target an exact fp32 copy of the encoder."""
+    encoder = build_encoder(cfg.model)
+    model = IJEPA(encoder, build_predictor(cfg.model, encoder))
+    target = copy.deepcopy(encoder).requires_grad_(False)
+    return model, target
+
+
+def _deepspeed_wanted(cfg: Config, local_rank: int | None) -> bool:
+    if cfg.deepspeed.enabled == "auto":
+        return local_rank is not None or "LOCAL_RANK" in os.environ
+    return cfg.deepspeed.enabled == "on"
+
+
+class Trainer:
+    def __init__(self, cfg: Config, output_dir: str | Path, resume: bool = False, local_rank: int | None = None):
+        self.cfg, self.output_dir = cfg, Path(output_dir)
+        self.use_deepspeed = _deepspeed_wanted(cfg, local_rank)
+        self.rank, self.world_size = 0, 1
+        if self.use_deepspeed:
+            self._init_distributed()
+        self.device = self._pick_device(local_rank)
+        self.is_main = self.rank == 0
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.train.seed)  # every rank starts from the same weights
+
+        self.model, self.target = build_models(cfg)
+        self.model.to(self.device)
+        self.target.to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.engine = None
+        if self.use_deepspeed:
+            self._init_engine()
+        self.target_params = list(self.target.parameters())
+        self.online_params = list(self.model.encoder.parameters())
+        self.grad_params = [p for p in self.model.parameters() if p.requires_grad]
+
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                         if cfg.train.precision == "bf16" else nullcontext())
+        self.total_steps = cfg.train.max_steps
+        self.step = 0  # optimizer steps done
+        self.skipped_images = 0
+        self.skipped_steps = torch.zeros((), device=self.device)  # device counters: read when logging
+        self.nonfinite_run = torch.zeros((), device=self.device)
+        self.stop_signal = None
+        if resume:
+            self._resume()
+        self.batches = build_batches(cfg, self.model.encoder.grid, self.rank, self.world_size)
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def _pick_device(self, local_rank) -> torch.device:
+        want = self.cfg.train.device
+        if want == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("train.device='cuda' but no CUDA device is visible")
+        if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+            index = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(index)
+            return torch.device("cuda", index)
+        return torch.device("cpu")
+
+    def _init_distributed(self) -> None:
+        import deepspeed
+
+        backend = "nccl" if torch.cuda.is_available() and self.cfg.train.device != "cpu" else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+        self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def _init_engine(self) -> None:
+        import deepspeed
+
+        t = self.cfg.train
+        ds_config = {
+            "train_micro_batch_size_per_gpu": t.batch_size,
+            "gradient_accumulation_steps": t.grad_accum_steps,
+            "gradient_clipping": self.cfg.optim.clip_grad or 0.0,  # explicit: DeepSpeed >= 0.19.3 defaults to 1.0
+            "zero_optimization": {"stage": self.cfg.deepspeed.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=self.optimizer, config=ds_config)
+        self.inner_optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+
+    # ---- the step -------------------------------------------------------------------------------
+    def train_step(self, micro_batches, want_stats: bool = False) -> dict:
+        """One optimizer step over ``grad_accum_steps`` micro-batches. Returns device tensors."""
+        lr = schedules.learning_rate(self.step, self.cfg.optim, self.total_steps)
+        wd = schedules.weight_decay(self.step, self.cfg.optim, self.total_steps)
+        momentum = schedules.ema_momentum(self.step, self.cfg.optim, self.total_steps)
+        set_hyperparameters(self.optimizer, lr, wd)
+        accum = len(micro_batches)
+        loss_sum = torch.zeros((), device=self.device)
+        stats = {}
+        for batch in micro_batches:
+            images = batch.images.to(self.device, non_blocking=True)
+            masks = batch.masks.to(self.device, non_blocking=True)
+            with torch.no_grad(), self.autocast:
+                h = self.target(images)  # [B, N, D]
+            with self.autocast:
+                pred = self.model(images, masks) if self.engine is None else self.engine(images, masks)
+            loss = jepa_target_loss(pred, h, masks.tgt_index, self.cfg.train.loss)
+            loss_sum += loss.detach()
+            if self.engine is None:
+                (loss / accum).backward()
+            else:
+                self.engine.backward(loss)  # DeepSpeed scales by 1 / accum itself
+            if want_stats:  # collapse watch: per-dimension std of the target features
+                stats["target_feature_std"] = h.float().std(dim=(0, 1)).mean()
+                stats["pred_feature_std"] = pred.detach().float().std(dim=0).mean()
+        loss_mean = loss_sum / accum
+        found_inf = ~torch.isfinite(loss_mean)
+        if self.engine is None:
+            grads = [p.grad for p in self.grad_params if p.grad is not None]
+            if self.cfg.optim.clip_grad:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.grad_params, self.cfg.optim.clip_grad, foreach=True)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            found_inf |= ~torch.isfinite(grad_norm)
+            self.optimizer.found_inf = found_inf.float()  # fused AdamW skips the update on the device
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)  # same verdict everywhere
+            self.inner_optimizer.found_inf = found_inf.float()
+            self.engine.step()
+            grad_norm = torch.as_tensor(self.engine.get_global_grad_norm() or 0.0, device=self.device) \
+                if want_stats else torch.zeros((), device=self.device)
+        # EMA: a skipped step keeps the target still (momentum 1), decided on the device
+        ema_(self.target_params, self.online_params, torch.where(found_inf, 1.0, momentum))
+        self.skipped_steps += found_inf
+        self.nonfinite_run = (self.nonfinite_run + 1) * found_inf
+        self.step += 1
+        return {"loss": loss_mean, "grad_norm": grad_norm, "lr": lr, "wd": wd, "momentum": momentum, **stats}
+
+    # ---- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "target": self.target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "skipped_images": self.skipped_images,
+            "skipped_steps": self.skipped_steps.cpu(),
+            "nonfinite_run": self.nonfinite_run.cpu(),
+            "torch_rng": torch.get_rng_state(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def save(self) -> None:
+        """A checkpoint of the current step (all ranks under DeepSpeed) + the target as safetensors."""
+        folder = self.output_dir / "checkpoints"
+        if self.engine is not None:
+            client = {k: v for k, v in self.state_dict().items() if k not in ("model", "optimizer")}
+            self.engine.save_checkpoint(str(folder / "deepspeed"), tag=f"step_{self.step:08d}", client_state=client)
+        elif self.is_main:
+            save_checkpoint(folder, self.step, self.state_dict(), keep=self.cfg.train.keep_checkpoints)
+        if self.is_main:
+            export_safetensors(self.output_dir / "target_encoder.safetensors", self.target.state_dict(),
+                               metadata={"step": str(self.step), "config": json.dumps(self.cfg.to_dict())})
+
+    def _resume(self) -> None:
+        folder = self.output_dir / "checkpoints"
+        if self.engine is not None:
+            path, client = self.engine.load_checkpoint(str(folder / "deepspeed"))
+            if path is None:
+                return self._no_checkpoint(folder)
+            state = client
+        else:
+            path = latest_checkpoint(folder)
+            if path is None:
+                return self._no_checkpoint(folder)
+            state = load_checkpoint(path, map_location=self.device)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.target.load_state_dict(state["target"])
+        self.step = int(state["step"])
+        self.skipped_images = int(state["skipped_images"])
+        self.skipped_steps.copy_(state["skipped_steps"])
+        self.nonfinite_run.copy_(state["nonfinite_run"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if self.is_main:
+            print(f"fastjepa: resumed from {path} at step {self.step}", file=sys.stderr)
+
+    def _no_checkpoint(self, folder):
+        if self.is_main:
+            print(f"fastjepa: --resume found no checkpoint in {folder}; starting from step 0", file=sys.stderr)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _on_signal(self, signum, _frame):
+        self.stop_signal = signum  # acted on between steps: checkpoint, then a clean exit
+
+    def train(self) -> int:
+        """Run to ``train.max_steps``; returns the process exit code."""
+        t = self.cfg.train
+        if self.is_main:
+            (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        previous = signal.signal(signal.SIGTERM, self._on_signal)
+        accum = t.grad_accum_steps
+        loader = build_loader(self.batches, self.step * accum, t.max_steps * accum, self.cfg.data.num_workers,
+                              pin_memory=self.device.type == "cuda")
+        batches = iter(loader)
+        logger = MetricsLogger(self.output_dir, t.max_steps, self.step, enabled=self.is_main,
+                               progress=t.progress, tensorboard=t.tensorboard)
+        check_every = min(t.log_every, max(1, t.max_nonfinite_steps))
+        window_images, window_wait, window_start = 0, 0.0, time.perf_counter()
+        loss_window = torch.zeros((), device=self.device)
+        window_steps, ctx_tokens, tgt_tokens, flops = 0, 0, 0, 0.0
+        exit_code = 0
+        try:
+            while self.step < t.max_steps:
+                waited = time.perf_counter()
+                micro = [next(batches) for _ in range(accum)]
+                window_wait += time.perf_counter() - waited
+                log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
+                out = self.train_step(micro, want_stats=log_now)
+                loss_window += out["loss"]
+                window_steps += 1
+                for b in micro:
+                    self.skipped_images += b.skipped
+                    window_images += len(b.masks.ctx_lens)
+                    ctx_tokens += sum(b.masks.ctx_lens)
+                    tgt_tokens += sum(b.masks.tgt_lens)
+                    flops += step_flops(self.model, b.masks, len(b.masks.ctx_lens))
+                logger.advance()
+                if log_now:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()  # logging interval only
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "step": self.step,
+                        "epoch": micro[-1].epoch,
+                        "loss": (loss_window / window_steps).item(),  # note: a host sync, logging only
+                        "lr": out["lr"], "wd": out["wd"], "momentum": out["momentum"],
+                        "grad_norm": float(out["grad_norm"]),
+                        "images_per_s": window_images * self.world_size / elapsed,
+                        "tflops": flops * self.world_size / elapsed / 1e12,
+                        "data_wait_s": window_wait,
+                        "context_tokens": ctx_tokens / window_images,
+                        "target_tokens": tgt_tokens / window_images,
+                        "target_feature_std": float(out["target_feature_std"]),
+                        "pred_feature_std": float(out["pred_feature_std"]),
+                        "skipped_images": self.skipped_images,
+                        "skipped_steps": int(self.skipped_steps),
+                    }
+                    logger.log(record)
+                    window_images, window_wait, window_steps = 0, 0.0, 0
+                    ctx_tokens, tgt_tokens, flops = 0, 0, 0.0
+                    loss_window.zero_()
+                    window_start = time.perf_counter()
+                if self.step % check_every == 0 and int(self.nonfinite_run) >= t.max_nonfinite_steps:
+                    self.save()
+                    logger.message(f"fastjepa: stopping: {int(self.nonfinite_run)} non-finite steps in a row "
+                                   f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); checkpoint at step {self.step}")
+                    exit_code = 3
+                    break
+                if self.stop_signal is not None:
+                    self.save()
+                    logger.message(f"fastjepa: signal {self.stop_signal}: checkpoint saved at step {self.step}")
+                    break
+                if self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
+                    self.save()
+            else:
+                self.save()
+        finally:
+            logger.close()
+            signal.signal(signal.SIGTERM, previous)
+        return exit_code
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="I-JEPA pretraining (fastjepa)")
+    parser.add_argument("--config", help="JSON config file (configs/*.json)")
+    parser.add_argument("--output-dir", default="runs/default", help="checkpoints, metrics.jsonl, config.json")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=5e-4 train.max_steps=100")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        trainer = Trainer(cfg, args.output_dir, resume=args.resume, local_rank=args.local_rank)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"fastjepa: error: {err}", file=sys.stderr)
+        return 2
+    return trainer.train()
