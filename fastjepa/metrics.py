@@ -3,6 +3,7 @@ progress bar on a terminal. Only rank 0 writes."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -35,7 +36,9 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        # NaN/Infinity are not JSON (jq, JavaScript, strict parsers reject the line): write null instead
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.file.write(json.dumps(clean, allow_nan=False) + "\n")
         self.file.flush()
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", ips=f"{record['images_per_s']:.0f}", refresh=False)
         if self.bar.disable:
