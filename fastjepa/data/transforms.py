@@ -51,6 +51,9 @@ class ImageTransform:
         self.std = torch.tensor(std).view(-1, 1, 1)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        if img.mode.startswith("I"):  # 16-bit grayscale (PNG "I;16"): PIL's convert clips at 255, i.e. white
+            arr = np.asarray(img, dtype=np.float64) / 257.0
+            img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))  # uint8 2-D: mode L
         img = img.convert("L" if self.channels == 1 else "RGB")
         box = None if rng is None else random_resized_crop_box(*img.size, rng, self.crop_scale)
         img = img.resize((self.size, self.size), Image.BILINEAR, box=box)
