@@ -14,6 +14,8 @@ import argparse
 import copy
 import json
 import os
+import re
+import shutil
 import signal
 import sys
 import time
@@ -141,7 +143,7 @@ class Trainer:
         accum = len(micro_batches)
         loss_sum = torch.zeros((), device=self.device)
         stats = {}
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             images = batch.images.to(self.device, non_blocking=True)
             masks = batch.masks.to(self.device, non_blocking=True)
             with torch.no_grad(), self.autocast:
@@ -154,6 +156,11 @@ class Trainer:
                 (loss / accum).backward()
             else:
                 self.engine.backward(loss)  # DeepSpeed scales by 1 / accum itself
+                if i + 1 < accum:
+                    # DeepSpeed counts micro-batches in step() (a no-op before the boundary): without this
+                    # call every backward looks like the first of a window, so gradients are reduced at the
+                    # wrong micro-batch and the optimizer runs only every other accumulation window
+                    self.engine.step()
             if want_stats:  # collapse watch: per-dimension std of the target features
                 stats["target_feature_std"] = h.float().std(dim=(0, 1)).mean()
                 stats["pred_feature_std"] = pred.detach().float().std(dim=0).mean()
@@ -170,11 +177,22 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         else:
-            torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)  # same verdict everywhere
-            self.inner_optimizer.found_inf = found_inf.float()
+            grad_norm = None
+            if self.cfg.deepspeed.zero_stage == 0:
+                # no ZeRO: the last backward all-reduced the full gradients; DeepSpeed reports no norm then
+                grad_norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in self.grad_params if p.grad is not None], foreach=True)
+                found_inf |= ~torch.isfinite(grad_norm)
+            verdict = found_inf.float()  # gloo reduces floats; the same verdict on every rank
+            torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MAX)
+            found_inf = verdict > 0
+            self.inner_optimizer.found_inf = verdict
             self.engine.step()
-            grad_norm = torch.as_tensor(self.engine.get_global_grad_norm() or 0.0, device=self.device) \
-                if want_stats else torch.zeros((), device=self.device)
+            if not self.engine.was_step_applied():  # ZeRO-1/2 skip a step with non-finite gradients themselves
+                found_inf = torch.ones_like(found_inf)
+            if grad_norm is None:  # ZeRO-1/2: the pre-clip norm DeepSpeed computed on the partitions
+                norm = self.engine.get_global_grad_norm()
+                grad_norm = torch.as_tensor(float("nan") if norm is None else norm, device=self.device)
         # EMA: a skipped step keeps the target still (momentum 1), decided on the device
         ema_(self.target_params, self.online_params, torch.where(found_inf, 1.0, momentum))
         self.skipped_steps += found_inf
@@ -200,13 +218,23 @@ class Trainer:
         """A checkpoint of the current step (all ranks under DeepSpeed) + the target as safetensors."""
         folder = self.output_dir / "checkpoints"
         if self.engine is not None:
-            client = {k: v for k, v in self.state_dict().items() if k not in ("model", "optimizer")}
+            # nested under one key: DeepSpeed merges client_state into its own top level, where our
+            # "skipped_steps" overwrote its counter and was then dropped again on load (KeyError on resume)
+            client = {"fastjepa": {k: v for k, v in self.state_dict().items() if k not in ("model", "optimizer")}}
             self.engine.save_checkpoint(str(folder / "deepspeed"), tag=f"step_{self.step:08d}", client_state=client)
+            if self.is_main:
+                self._prune_deepspeed_tags(folder / "deepspeed")
         elif self.is_main:
             save_checkpoint(folder, self.step, self.state_dict(), keep=self.cfg.train.keep_checkpoints)
         if self.is_main:
             export_safetensors(self.output_dir / "target_encoder.safetensors", self.target.state_dict(),
                                metadata={"step": str(self.step), "config": json.dumps(self.cfg.to_dict())})
+
+    def _prune_deepspeed_tags(self, folder: Path) -> None:
+        """train.keep_checkpoints for DeepSpeed's tag folders (its save_checkpoint keeps every tag)."""
+        tags = sorted(p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"step_\d{8}", p.name))
+        for old in tags[: -self.cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _resume(self) -> None:
         folder = self.output_dir / "checkpoints"
@@ -214,7 +242,7 @@ class Trainer:
             path, client = self.engine.load_checkpoint(str(folder / "deepspeed"))
             if path is None:
                 return self._no_checkpoint(folder)
-            state = client
+            state = client["fastjepa"]
         else:
             path = latest_checkpoint(folder)
             if path is None:
@@ -276,6 +304,9 @@ class Trainer:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()  # logging interval only
                     elapsed = time.perf_counter() - window_start
+                    if self.engine is not None:  # the loss of the global batch: mean over ranks (gloo has no AVG)
+                        torch.distributed.all_reduce(loss_window)
+                        loss_window /= self.world_size
                     record = {
                         "step": self.step,
                         "epoch": micro[-1].epoch,
