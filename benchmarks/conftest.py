@@ -1,0 +1,78 @@
+"""Shared set-up for the benchmarks: device description, a trainer from a config file, a GEMM peak probe.
+
+CPU runs use ``FASTJEPA_BENCH_THREADS`` torch threads (default 1: the development machines have 2 cores
+that are usually shared, and two threads fighting for one core make small ops ~100x slower).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def describe(device: torch.device) -> dict:
+    info = {"torch": torch.__version__, "device_type": device.type}
+    if device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
+    else:
+        info["device"] = cpu_name()
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measured_gemm_tflops(device: torch.device, dtype=torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
+    """Achieved TFLOP/s of a square matmul: the practical peak of a device without a datasheet entry."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    synchronize(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    synchronize(device)
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
+
+
+def build_trainer(config: Path, output_dir: Path, overrides=()):
+    from fastjepa.config import load_config
+    from fastjepa.trainer import Trainer
+
+    quiet = ["train.progress=off", "train.tensorboard=false", "data.num_workers=0"]
+    return Trainer(load_config(config, quiet + list(overrides)), output_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    if not torch.cuda.is_available():
+        torch.set_num_threads(int(os.environ.get("FASTJEPA_BENCH_THREADS", "1")))
+
+
+@pytest.fixture
+def bench_tools():
+    import types
+
+    return types.SimpleNamespace(REPO=REPO, CONFIGS=CONFIGS, describe=describe, synchronize=synchronize,
+                                 measured_gemm_tflops=measured_gemm_tflops, build_trainer=build_trainer)
