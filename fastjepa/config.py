@@ -1,7 +1,8 @@
 """Typed run configuration: JSON file -> dotted ``key=value`` overrides -> validated dataclasses.
 
 Sections: ``model``, ``mask``, ``data``, ``optim``, ``train``, ``deepspeed``. An unknown key is an error
-that names it and the closest valid key; a bad value is an error that names its key.
+that names it and the closest valid key; a bad value is an error that names its key. Keys that start
+with ``_`` are comments.
 """
 from __future__ import annotations
 
@@ -188,7 +189,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _strip_comments(raw):
+    """Keys that start with '_' are comments (JSON has none) and are dropped at every level."""
+    if isinstance(raw, dict):
+        return {k: _strip_comments(v) for k, v in raw.items() if not k.startswith("_")}
+    return raw
+
+
 def build_config(raw: dict) -> Config:
+    raw = _strip_comments(raw)
     _check_keys(raw, Config)
     try:
         return Config.model_validate(raw)

@@ -20,35 +20,38 @@ BACKENDS = ("sdpa",)  # "triton" joins with the fused kernel
 
 
 def _padding_layout(cu_seqlens: torch.Tensor, max_seqlen: int, total: int):
-    """Device-side maps between packed rows and a ``[B, max_seqlen]`` padded grid.
+    """Device-side maps between packed rows and a ``[B, max_seqlen]`` padded grid, all flat int64.
 
-    Returns ``pad_src [B, L]`` (packed row feeding each padded slot, 0 for padding), ``valid [B, L]``
-    (bool) and ``row_b, row_j [T]`` (padded coordinates of each packed row). No host sync.
+    Returns ``pad_src [B * L]`` (packed row feeding each padded slot, 0 for padding), ``valid [B, L]``
+    (bool) and ``unpad [T]`` (padded slot of each packed row). No host sync.
     """
     cu = cu_seqlens.long()
     starts, lengths = cu[:-1], cu[1:] - cu[:-1]
     cols = torch.arange(max_seqlen, device=cu.device)
     valid = cols[None, :] < lengths[:, None]
-    pad_src = torch.where(valid, starts[:, None] + cols[None, :], torch.zeros_like(cols)[None, :])
+    pad_src = torch.where(valid, starts[:, None] + cols[None, :], 0).reshape(-1)
     rows = torch.arange(total, device=cu.device)
-    row_b = torch.searchsorted(cu[1:], rows, right=True)
-    row_j = rows - starts[row_b]
-    return pad_src, valid, row_b, row_j
+    seq = torch.searchsorted(cu[1:], rows, right=True)
+    unpad = seq * max_seqlen + (rows - starts[seq])
+    return pad_src, valid, unpad
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale=None):
-    """Plain-PyTorch varlen attention (SDPA on a padded batch). Shapes as in the module docstring."""
+    """Plain-PyTorch varlen attention (SDPA on a padded batch). Shapes as in the module docstring.
+
+    Gathers use ``index_select`` (its backward is ``index_add``, far cheaper on CPU than the
+    ``index_put`` behind advanced indexing)."""
     total, heads, dim = q.shape
     batch = cu_seqlens.shape[0] - 1
     if batch * max_seqlen == total:  # every sequence has max_seqlen tokens: no padding at all
         qb, kb, vb = (t.view(batch, max_seqlen, heads, dim).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(qb, kb, vb, scale=softmax_scale)
         return out.transpose(1, 2).reshape(total, heads, dim)
-    pad_src, valid, row_b, row_j = _padding_layout(cu_seqlens, max_seqlen, total)
-    qb, kb, vb = (t[pad_src].transpose(1, 2) for t in (q, k, v))  # [B, H, L, d]
+    pad_src, valid, unpad = _padding_layout(cu_seqlens, max_seqlen, total)
+    qb, kb, vb = (t.index_select(0, pad_src).view(batch, max_seqlen, heads, dim).transpose(1, 2) for t in (q, k, v))
     key_mask = valid[:, None, None, :]  # padded keys never receive weight
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=key_mask, scale=softmax_scale)
-    return out.transpose(1, 2)[row_b, row_j]  # back to packed [T, H, d]
+    return out.transpose(1, 2).reshape(batch * max_seqlen, heads, dim).index_select(0, unpad)
 
 
 def varlen_attention(
