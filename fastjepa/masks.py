@@ -87,7 +87,25 @@ class MaskSampler:
         return min(max(h, 1), self.height), min(max(w, 1), self.width)
 
     def _smallest_area(self, scale, aspect) -> int:
-        return min(int(np.prod(self._block_size(u, scale, aspect))) for u in np.linspace(0, 1, 257))
+        """The exact smallest block area over all draws u in [0, 1].
+
+        The size is piecewise constant in u: it changes only where ``int(N * s(u))`` steps or where
+        ``sqrt(k * ar(u))`` or ``sqrt(k / ar(u))`` crosses a half-integer (the rounding). Evaluating
+        one point inside every piece between those breakpoints (and at the ends) covers every size.
+        """
+        n, (s0, s1), (a0, a1) = self.num_patches, scale, aspect
+        breaks = [0.0, 1.0]
+        keeps = range(int(n * s0), int(n * s1) + 1)
+        if s1 > s0:
+            breaks += [(k / n - s0) / (s1 - s0) for k in keeps]
+        if a1 > a0:
+            for k in keeps:
+                for j in range(max(self.height, self.width) + 1):
+                    for ar in ((j + 0.5) ** 2 / max(k, 1), k / (j + 0.5) ** 2):
+                        breaks.append((ar - a0) / (a1 - a0))
+        breaks = sorted(u for u in set(breaks) if 0.0 <= u <= 1.0)
+        probes = breaks + [(a + b) / 2 for a, b in zip(breaks, breaks[1:])]
+        return min(int(np.prod(self._block_size(u, scale, aspect))) for u in probes)
 
     def _validate(self) -> None:
         c = self.cfg
@@ -129,17 +147,16 @@ class MaskSampler:
         for _ in range(batch_size):
             blocks = [self._place(rng, tgt_size) for _ in range(c.num_targets)]
             exclude = [] if c.allow_overlap else list(blocks)
-            tries = 0
-            while True:
+            for tries in range(1, 20 * (len(exclude) + 1) + 1):
                 region = self._place(rng, ctx_size)
                 for block in exclude:
                     region &= ~block
                 if region.sum() >= c.min_keep:
                     break
-                tries += 1
                 if tries % 20 == 0 and exclude:  # the official fallback: give up one exclusion
                     exclude.pop()
-                # terminates: with no exclusions left a context block holds >= min_keep (checked above)
+            else:  # unreachable when _validate holds: with no exclusion left a block has >= min_keep
+                raise RuntimeError(f"context block {ctx_size} cannot hold mask.min_keep={c.min_keep} tokens")
             contexts.append(np.flatnonzero(region))
             targets.append([np.flatnonzero(b) for b in blocks])
         if c.truncate:

@@ -491,7 +491,7 @@ def test_default_on_7x7_is_really_impossible():
 
 
 # ---------------------------------------------------------------------------------------------------
-# a defect: the up-front check samples u on a 257-point grid only
+# a former defect: the up-front check sampled u on a 257-point grid only (now exact)
 # ---------------------------------------------------------------------------------------------------
 # 9x7 grid, context scale 0.23-0.5, aspect 1.1-2.5: at every one of the 257 grid points the context block
 # holds >= 16 tokens, so MaskSampler accepts min_keep=16, but u in [0.2055, 0.2063] (and three other
@@ -508,8 +508,6 @@ def test_bad_ctx_reference_numbers():
     assert expected_block_size(0.0, (0.3, 0.3), (1.0, 1.0), 9, 7) == (4, 4)
 
 
-@pytest.mark.xfail(strict=True, reason="MaskSampler._validate checks block areas only at 257 sampled u values; "
-                   "a draw between them can give a block below min_keep and the context loop never ends")
 @pytest.mark.parametrize("allow_overlap", [True, False])
 def test_accepted_config_never_draws_block_below_min_keep(allow_overlap):
     cfg = MaskConfig(**BAD_CTX, allow_overlap=allow_overlap)
