@@ -269,6 +269,18 @@ class Trainer:
     def _on_signal(self, signum, _frame):
         self.stop_signal = signum  # acted on between steps: checkpoint, then a clean exit
 
+    def _should_stop(self, check_every: int) -> bool:
+        """Whether a signal asks to stop now. One process: at once (a host flag). Under DeepSpeed every
+        rank must stop at the same step (the checkpoint is collective), so the flags are all-reduced,
+        only every ``check_every`` steps, which is when the host reads device state anyway."""
+        if self.engine is None:
+            return self.stop_signal is not None
+        if self.step % check_every:
+            return False
+        flag = torch.tensor([float(self.stop_signal is not None)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())  # note: a host sync, every check_every steps only
+
     def train(self) -> int:
         """Run to ``train.max_steps``; returns the process exit code."""
         t = self.cfg.train
@@ -336,9 +348,10 @@ class Trainer:
                                    f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); checkpoint at step {self.step}")
                     exit_code = 3
                     break
-                if self.stop_signal is not None:
+                if self._should_stop(check_every):
                     self.save()
-                    logger.message(f"fastjepa: signal {self.stop_signal}: checkpoint saved at step {self.step}")
+                    logger.message(f"fastjepa: signal {self.stop_signal or 'on another rank'}: "
+                                   f"checkpoint saved at step {self.step}")
                     break
                 if self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
                     self.save()

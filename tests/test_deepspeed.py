@@ -194,3 +194,40 @@ def test_checkpoints_are_pruned_and_resume_is_exact(ds_run, helpers):
     for k in w_full:
         torch.testing.assert_close(w_again[0][k], w_full[k], rtol=0, atol=1e-6)
         assert torch.equal(w_again[0][k], w_again[1][k])
+
+
+# A real SIGTERM delivered to one rank only (rank 1 signals itself after its third step): every rank must
+# stop at the same step, write the collective checkpoint and exit 0 -- not hang in the checkpoint's
+# collectives while the other rank trains on.
+SIGNAL_ONE_RANK = textwrap.dedent("""
+    import os, signal
+    import fastjepa.trainer as T
+
+    def step_then_signal(self, *a, _step=T.Trainer.train_step, **k):
+        out = _step(self, *a, **k)
+        if self.rank == 1 and self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    T.Trainer.train_step = step_then_signal
+""")
+
+
+def test_sigterm_on_one_rank_stops_all_ranks_at_one_step(tmp_path, helpers):
+    config = tiny_json(helpers, tmp_path, stage=1, accum=1)
+    output = tmp_path / "run"
+    (tmp_path / "wrapper.py").write_text(WRAPPER)
+    launch_script = tmp_path / "signal_wrapper.py"
+    launch_script.write_text(SIGNAL_ONE_RANK + WRAPPER)
+    cmd = launcher() + ["--num_accelerators", str(WORLD), "--master_port", str(free_port()), str(launch_script),
+                        "--config", str(config), "--output-dir", str(output), "train.max_steps=50",
+                        "train.checkpoint_every=100"]
+    env = helpers.subprocess_env(DS_ACCELERATOR="cpu", FASTJEPA_TRAIN_SCRIPT=helpers.TRAIN_SCRIPT)
+    proc = subprocess.run(cmd, env=env, cwd=helpers.REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    folder = output / "checkpoints" / "deepspeed"
+    stopped = int((folder / "latest").read_text().strip().split("_")[1])
+    assert 3 <= stopped < 50
+    assert helpers.read_metrics(output)[-1]["step"] == stopped
+    w0, w1 = rank_weights(output)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # both ranks stopped after the same step
