@@ -104,6 +104,7 @@ def image_tree(tmp_path):
 def pytest_configure(config):
     config.addinivalue_line("markers", "deepspeed: launches DeepSpeed with 2 CPU ranks (slow; deselect with -m 'not deepspeed')")
     config.addinivalue_line("markers", "subprocess: starts a child Python process")
+    config.addinivalue_line("markers", "demo: a short Fashion-MNIST pretraining run and linear probe (~2-3 min)")
 
 
 # The helpers reach the test modules as fixtures (never ``import conftest``: benchmarks/ has its own).
