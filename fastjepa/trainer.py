@@ -192,7 +192,7 @@ class Trainer:
                 found_inf = torch.ones_like(found_inf)
             if grad_norm is None:  # ZeRO-1/2: the pre-clip norm DeepSpeed computed on the partitions
                 norm = self.engine.get_global_grad_norm()
-                grad_norm = torch.as_tensor(float("nan") if norm is None else norm, device=self.device)
+                grad_norm = float("nan") if norm is None else norm  # already on the host: no copy back
         # EMA: a skipped step keeps the target still (momentum 1), decided on the device
         # (float64 momentum: in fp32, 1 - 0.9999 would be off by ~6e-4 relative)
         momentum_t = torch.full((), momentum, dtype=torch.float64, device=self.device)  # a fill, not a copy
