@@ -40,7 +40,9 @@ class MetricsLogger:
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self.file.write(json.dumps(clean, allow_nan=False) + "\n")
         self.file.flush()
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", ips=f"{record['images_per_s']:.0f}", refresh=False)
+        loss = clean.get("loss")
+        self.bar.set_postfix(loss="skipped" if loss is None else f"{loss:.4f}", ips=f"{record['images_per_s']:.0f}",
+                             refresh=False)
         if self.bar.disable:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
                   flush=True)

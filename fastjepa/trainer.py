@@ -30,7 +30,7 @@ from fastjepa_kernels import ema_, jepa_target_loss
 from . import schedules
 from .checkpoint import export_safetensors, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, load_config
-from .data.loader import build_batches, build_loader
+from .data.loader import DataError, build_batches, build_loader
 from .flops import step_flops
 from .metrics import MetricsLogger
 from .models import build_encoder, build_predictor
@@ -200,7 +200,8 @@ class Trainer:
         self.skipped_steps += found_inf
         self.nonfinite_run = (self.nonfinite_run + 1) * found_inf
         self.step += 1
-        return {"loss": loss_mean, "grad_norm": grad_norm, "lr": lr, "wd": wd, "momentum": momentum, **stats}
+        return {"loss": loss_mean, "skipped": found_inf, "grad_norm": grad_norm, "lr": lr, "wd": wd,
+                "momentum": momentum, **stats}
 
     # ---- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -209,12 +210,20 @@ class Trainer:
             "model": self.model.state_dict(),
             "target": self.target.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "skipped_images": self.skipped_images,
+            "skipped_images": self._global_skipped_images(),  # collective under DeepSpeed, like save()
             "skipped_steps": self.skipped_steps.cpu(),
             "nonfinite_run": self.nonfinite_run.cpu(),
             "torch_rng": torch.get_rng_state(),
             "config": self.cfg.to_dict(),
         }
+
+    def _global_skipped_images(self) -> int:
+        """Unreadable images skipped so far, summed over ranks (each rank counts its own)."""
+        if self.engine is None:
+            return self.skipped_images
+        total = torch.tensor([float(self.skipped_images)], device=self.device)
+        torch.distributed.all_reduce(total)
+        return int(total.item())
 
     def save(self) -> None:
         """A checkpoint of the current step (all ranks under DeepSpeed) + the target as safetensors."""
@@ -254,7 +263,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.target.load_state_dict(state["target"])
         self.step = int(state["step"])
-        self.skipped_images = int(state["skipped_images"])
+        # the saved count is the sum over ranks: rank 0 carries it on, so sums stay right on any world size
+        self.skipped_images = int(state["skipped_images"]) if self.is_main else 0
         self.skipped_steps.copy_(state["skipped_steps"])
         self.nonfinite_run.copy_(state["nonfinite_run"])
         torch.set_rng_state(state["torch_rng"].cpu())
@@ -296,6 +306,7 @@ class Trainer:
         check_every = min(t.log_every, max(1, t.max_nonfinite_steps))
         window_images, window_wait, window_start = 0, 0.0, time.perf_counter()
         loss_window = torch.zeros((), device=self.device)
+        finite_window = torch.zeros((), device=self.device)  # steps in the window with a finite loss
         window_steps, ctx_tokens, tgt_tokens, flops = 0, 0, 0, 0.0
         exit_code = 0
         try:
@@ -305,10 +316,11 @@ class Trainer:
                 window_wait += time.perf_counter() - waited
                 log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
                 out = self.train_step(micro, want_stats=log_now)
-                loss_window += out["loss"]
+                loss_window += torch.where(out["skipped"], 0.0, out["loss"])  # a skipped step's NaN stays out
+                finite_window += ~out["skipped"]
                 window_steps += 1
                 for b in micro:
-                    self.skipped_images += b.skipped
+                    self.skipped_images += b.skipped  # this rank's count; summed over ranks when read
                     window_images += len(b.masks.ctx_lens)
                     ctx_tokens += sum(b.masks.ctx_lens)
                     tgt_tokens += sum(b.masks.tgt_lens)
@@ -318,29 +330,38 @@ class Trainer:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()  # logging interval only
                     elapsed = time.perf_counter() - window_start
-                    if self.engine is not None:  # the loss of the global batch: mean over ranks (gloo has no AVG)
-                        torch.distributed.all_reduce(loss_window)
-                        loss_window /= self.world_size
+                    # the window's sums over every rank (logging only): loss, finite steps, images, tokens,
+                    # FLOPs, and the unreadable images so far (float64: token and FLOP counts stay exact)
+                    totals = torch.tensor([0.0, 0.0, window_images, ctx_tokens, tgt_tokens, flops,
+                                           self.skipped_images], dtype=torch.float64)
+                    totals[0], totals[1] = loss_window.double().cpu(), finite_window.double().cpu()  # host sync
+                    if self.engine is not None:
+                        totals = totals.to(self.device)
+                        torch.distributed.all_reduce(totals)
+                        totals = totals.cpu()
+                    loss_sum, finite, images, ctx_sum, tgt_sum, flop_sum, skipped = totals.tolist()
                     record = {
                         "step": self.step,
                         "epoch": micro[-1].epoch,
-                        "loss": (loss_window / window_steps).item(),  # note: a host sync, logging only
+                        # mean over the finite steps of every rank; null when every step was skipped
+                        "loss": loss_sum / finite if finite else None,
                         "lr": out["lr"], "wd": out["wd"], "momentum": out["momentum"],
                         "grad_norm": float(out["grad_norm"]),
-                        "images_per_s": window_images * self.world_size / elapsed,
-                        "tflops": flops * self.world_size / elapsed / 1e12,
+                        "images_per_s": images / elapsed,
+                        "tflops": flop_sum / elapsed / 1e12,
                         "data_wait_s": window_wait,
-                        "context_tokens": ctx_tokens / window_images,
-                        "target_tokens": tgt_tokens / window_images,
+                        "context_tokens": ctx_sum / images,
+                        "target_tokens": tgt_sum / images,
                         "target_feature_std": float(out["target_feature_std"]),
                         "pred_feature_std": float(out["pred_feature_std"]),
-                        "skipped_images": self.skipped_images,
+                        "skipped_images": int(skipped),
                         "skipped_steps": int(self.skipped_steps),
                     }
                     logger.log(record)
                     window_images, window_wait, window_steps = 0, 0.0, 0
                     ctx_tokens, tgt_tokens, flops = 0, 0, 0.0
                     loss_window.zero_()
+                    finite_window.zero_()
                     window_start = time.perf_counter()
                 if self.step % check_every == 0 and int(self.nonfinite_run) >= t.max_nonfinite_steps:
                     self.save()
@@ -357,6 +378,12 @@ class Trainer:
                     self.save()
             else:
                 self.save()
+        except DataError as err:  # raised in a loader worker; its last line names the files
+            detail = str(err).strip().splitlines()[-1]
+            if self.engine is None and self.step > 0:  # under DeepSpeed a one-rank save would hang
+                self.save()
+            print(f"fastjepa: error: {detail} (stopped at step {self.step})", file=sys.stderr, flush=True)
+            exit_code = 4
         finally:
             logger.close()
             signal.signal(signal.SIGTERM, previous)

@@ -247,3 +247,19 @@ def test_trainer_counts_skipped_images(tmp_path, tiny, image_tree, helpers):
     assert code == 0
     records = helpers.read_metrics(tmp_path / "run")
     assert records[1]["skipped_images"] == 2 and records[-1]["skipped_images"] == 4  # 2 per epoch
+
+
+def test_folder_of_only_unreadable_files_stops_cleanly(tmp_path, tiny, capsys):
+    """Every file is broken: no crash with a traceback but exit code 4 and one line naming the data."""
+    root = tmp_path / "broken"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(20):
+            (root / c / f"{i:02d}.jpg").write_text("not an image\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["--output-dir", str(tmp_path / "run")] + tiny
+                    + ["data.dataset=folder", f"data.root={root}", "train.max_steps=2"])
+    err = capsys.readouterr().err
+    assert code == 4
+    assert "unreadable images in a row" in err and str(root) in err and "Traceback" not in err

@@ -197,6 +197,27 @@ def test_nonfinite_step_is_skipped(tmp_path, tiny):
     assert all(isinstance(r["loss"], float) for i, r in enumerate(records) if i != 2)
 
 
+def test_window_with_a_skipped_step_logs_the_finite_mean(tmp_path, tiny):
+    """log_every=4 with micro-step 1 NaN: the record's loss is the mean of the three finite steps."""
+    cfg = load_config(None, tiny + ["train.max_steps=4", "train.log_every=4"])
+    trainer = Trainer(cfg, tmp_path)
+    trainer.batches = NaNBatches(trainer.batches, bad={1})
+    losses = []
+    original = trainer.train_step
+
+    def recording(micro, want_stats=False):
+        out = original(micro, want_stats)
+        losses.append(float(out["loss"]))
+        return out
+
+    trainer.train_step = recording
+    assert trainer.train() == 0
+    (record,) = read_metrics(tmp_path)
+    assert record["skipped_steps"] == 1 and losses[1] != losses[1]
+    finite = [x for x in losses if x == x]
+    assert len(finite) == 3 and record["loss"] == pytest.approx(sum(finite) / 3, rel=1e-6)
+
+
 @pytest.mark.parametrize("log_every,k", [(1, 3), (4, 2)])
 def test_nonfinite_run_stops_with_checkpoint(tmp_path, tiny, monkeypatch, capsys, log_every, k):
     """K non-finite steps in a row stop the run: exit code 3, a checkpoint equal to the last good state."""

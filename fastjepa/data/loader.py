@@ -20,6 +20,10 @@ from .transforms import ImageTransform
 MAX_REPLACEMENTS = 16  # unreadable images in a row before a batch gives up
 
 
+class DataError(RuntimeError):
+    """The data cannot feed the run (e.g. a long run of unreadable images); the trainer stops cleanly."""
+
+
 @dataclass
 class Batch:
     images: torch.Tensor  # [B, C, S, S] float32, normalised
@@ -76,7 +80,8 @@ class JEPABatches(Dataset):
                 warnings.warn(f"skipping unreadable image {self.source.describe(i)}: {err}")
                 continue
             return self.transform(img, rng), int(self.source.labels[i]), skipped
-        raise RuntimeError(f"{MAX_REPLACEMENTS} unreadable images in a row from {self.source.describe(index)}")
+        raise DataError(f"{MAX_REPLACEMENTS} unreadable images in a row from {self.source.describe(index)}: "
+                        "is the data folder made of image files PIL can open?")
 
     def __getitem__(self, key) -> Batch:
         epoch, step = key
