@@ -15,6 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+# Triton kernels run compiled on a GPU and in Triton's interpreter on CPU tensors elsewhere. The
+# interpreter is chosen when a kernel is decorated, so this must precede every fastjepa_kernels import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "fastjepa" / "train.py"
 
