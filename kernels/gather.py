@@ -121,6 +121,13 @@ def _check_index(index: torch.Tensor, num_rows: int) -> torch.Tensor:
     return index.to(torch.int32).contiguous()  # no copy when already int32 and contiguous
 
 
+def _check_range(index: torch.Tensor, num_rows: int) -> None:
+    """Out-of-range rows would be read or written outside the buffers. On CPU (Triton's interpreter) the
+    check is free, so it is made; on CUDA it would cost a host sync per call: the caller guarantees it."""
+    if not index.is_cuda and index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_rows):
+        raise IndexError(f"index values must lie in [0, {num_rows}); got [{int(index.min())}, {int(index.max())}]")
+
+
 def _grid(rows: int, dim: int):
     return (triton.cdiv(rows, BLOCK_T), triton.cdiv(dim, BLOCK_D))
 
@@ -133,6 +140,7 @@ def _gather_fwd(x: torch.Tensor, index: torch.Tensor, pos: torch.Tensor | None, 
     out = _empty(t, dim, device=x.device, dtype=out_dtype)
     if t == 0 or dim == 0:
         return out
+    _check_range(index, x3.shape[0] * n_rows)
     if pos is not None:
         pos = pos if pos.stride(-1) == 1 else pos.contiguous()
     _gather_fwd_kernel[_grid(t, dim)](
@@ -149,6 +157,7 @@ def _scatter_add(grad: torch.Tensor, index: torch.Tensor, num_rows: int, rows_pe
     acc = torch.zeros(num_rows, dim, device=grad.device, dtype=torch.float32)
     pos_acc = torch.zeros(rows_per_image if with_pos else 0, dim, device=grad.device, dtype=torch.float32)
     if t and dim:
+        _check_range(index, num_rows)
         _gather_bwd_kernel[_grid(t, dim)](
             grad, index, acc, pos_acc if with_pos else acc, t, dim, rows_per_image,
             grad.stride(0), acc.stride(0), pos_acc.stride(0) if with_pos else 0,

@@ -195,7 +195,7 @@ def test_custom_ops_pass_opcheck():
     index = torch.tensor([9, 0, 3, 3], dtype=torch.int32, device=DEVICE)
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(gather_mod._gather_op, (x, index, pos, torch.float32), test_utils=tests)
-    torch.library.opcheck(gather_mod._scatter_op, (x.reshape(10, 24), index.repeat(3)[:10], 6), test_utils=tests)
+    torch.library.opcheck(gather_mod._scatter_op, (x.reshape(10, 24), index.repeat(3)[:10], 12), test_utils=tests)
 
 
 def test_torch_compile_fullgraph():
@@ -215,3 +215,12 @@ def test_torch_compile_fullgraph():
     (ex,) = torch.autograd.grad(eager, x)
     torch.testing.assert_close(loss, eager)
     torch.testing.assert_close(gx, ex)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the range check runs on CPU tensors only (no host sync on CUDA)")
+def test_out_of_range_rows_are_refused_before_any_write():
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(IndexError, match=r"\[0, 10\)"):
+        gather_tokens(x, torch.tensor([0, 10], dtype=torch.int32), backend="triton")
+    with pytest.raises(IndexError, match=r"\[0, 6\)"):
+        scatter_tokens(torch.randn(2, 8), torch.tensor([5, 9], dtype=torch.int32), 6, backend="triton")
