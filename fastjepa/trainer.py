@@ -76,6 +76,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # every rank starts from the same weights
 
         self.model, self.target = build_models(cfg)
+        self.ops_backend = self.model.encoder.ops_backend  # gather, target loss and EMA follow attention
         self.model.to(self.device)
         self.target.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -150,7 +151,7 @@ class Trainer:
                 h = self.target(images)  # [B, N, D]
             with self.autocast:
                 pred = self.model(images, masks) if self.engine is None else self.engine(images, masks)
-            loss = jepa_target_loss(pred, h, masks.tgt_index, self.cfg.train.loss)
+            loss = jepa_target_loss(pred, h, masks.tgt_index, self.cfg.train.loss, backend=self.ops_backend)
             loss_sum += loss.detach()
             if self.engine is None:
                 (loss / accum).backward()
@@ -196,7 +197,7 @@ class Trainer:
         # EMA: a skipped step keeps the target still (momentum 1), decided on the device
         # (float64 momentum: in fp32, 1 - 0.9999 would be off by ~6e-4 relative)
         momentum_t = torch.full((), momentum, dtype=torch.float64, device=self.device)  # a fill, not a copy
-        ema_(self.target_params, self.online_params, torch.where(found_inf, 1.0, momentum_t))
+        ema_(self.target_params, self.online_params, torch.where(found_inf, 1.0, momentum_t), backend=self.ops_backend)
         self.skipped_steps += found_inf
         self.nonfinite_run = (self.nonfinite_run + 1) * found_inf
         self.step += 1

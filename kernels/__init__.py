@@ -1,18 +1,33 @@
-"""fastjepa_kernels: packed variable-length ops for ViT training.
+"""fastjepa_kernels: packed variable-length ops for ViT training (torch + Triton).
 
-Standalone (torch only for now; the Triton kernels replace these reference paths behind the same
-functions). Never imports ``fastjepa``.
+Every op has a plain-PyTorch reference beside its Triton kernel; ``backend="auto"`` takes the kernel for
+CUDA tensors when Triton is installed and the reference elsewhere. Never imports ``fastjepa``.
 """
-from .attention import varlen_attention, BACKENDS as ATTENTION_BACKENDS
+from .attention import BACKENDS as ATTENTION_BACKENDS
+from .attention import varlen_attention, varlen_attention_qkvpacked
 from .ema import ema_
 from .gather import gather_tokens, scatter_tokens
 from .target_loss import jepa_target_loss
+from .timm_vit import VarlenAttention, pack_tokens, patch_vit, forward_packed
+
+try:
+    import triton as _triton  # noqa: F401
+
+    TRITON_AVAILABLE = True
+except ImportError:
+    TRITON_AVAILABLE = False
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "TRITON_AVAILABLE",
+    "VarlenAttention",
     "ema_",
+    "forward_packed",
     "gather_tokens",
     "jepa_target_loss",
+    "pack_tokens",
+    "patch_vit",
     "scatter_tokens",
     "varlen_attention",
+    "varlen_attention_qkvpacked",
 ]

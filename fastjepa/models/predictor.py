@@ -8,7 +8,7 @@ from fastjepa_kernels import gather_tokens
 
 from ..masks import PackedMasks
 from .pos_embed import sincos_2d
-from .vit import LN_EPS, Block, init_weights, resolve_backend
+from .vit import LN_EPS, Block, init_weights, ops_backend, resolve_backend
 
 
 class Predictor(nn.Module):
@@ -22,6 +22,7 @@ class Predictor(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, pred_dim))
         self.register_buffer("pos_embed", sincos_2d(pred_dim, *grid), persistent=False)
         self.blocks = nn.ModuleList(Block(pred_dim, num_heads, mlp_ratio, attention_backend) for _ in range(depth))
+        self.ops_backend = ops_backend(attention_backend)
         self.norm = nn.LayerNorm(pred_dim, eps=LN_EPS)
         self.predictor_proj = nn.Linear(pred_dim, embed_dim)
         init_weights(self, self.blocks)
@@ -31,7 +32,8 @@ class Predictor(nn.Module):
         x = self.predictor_embed(context)
         # source table: every context row, then the shared mask token as row T_ctx
         table = torch.cat([x, self.mask_token.to(x.dtype)], dim=0)
-        x = gather_tokens(table, masks.pred_src) + self.pos_embed.to(x.dtype).index_select(0, masks.pred_pos)
+        x = gather_tokens(table, masks.pred_src, backend=self.ops_backend)
+        x = x + self.pos_embed.to(x.dtype).index_select(0, masks.pred_pos)
         for blk in self.blocks:
             x = blk(x, masks.pred_cu_seqlens, masks.pred_max_seqlen)
         x = x.index_select(0, masks.pred_out)  # only the target rows need the head

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 
+import sys
+
 import torch
 import torch.nn as nn
 
-from fastjepa_kernels import gather_tokens, varlen_attention
+from fastjepa_kernels import gather_tokens, varlen_attention_qkvpacked
 
 from .pos_embed import sincos_2d
 
@@ -38,8 +40,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, backend=self.backend)
+        # packed qkv: the Triton backward writes one [T, 3, H, d] gradient instead of stacking dq, dk, dv
+        qkv = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim)
+        out = varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, backend=self.backend)
         return self.proj(out.reshape(tokens, -1))
 
 
@@ -100,6 +103,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.register_buffer("pos_embed", sincos_2d(embed_dim, *self.grid), persistent=False)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, attention_backend) for _ in range(depth))
+        self.ops_backend = ops_backend(attention_backend)
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
         init_weights(self, self.blocks)
 
@@ -114,7 +118,7 @@ class VisionTransformer(nn.Module):
             tokens = (x + self.pos_embed.to(x.dtype)).reshape(batch * n, dim)
             cu_seqlens, max_seqlen = uniform_cu_seqlens(batch, n, x.device), n
         else:
-            tokens = gather_tokens(x, index, self.pos_embed.to(x.dtype))
+            tokens = gather_tokens(x, index, self.pos_embed.to(x.dtype), backend=self.ops_backend)
         for blk in self.blocks:
             tokens = blk(tokens, cu_seqlens, max_seqlen)
         tokens = self.norm(tokens)
@@ -132,13 +136,30 @@ def build_encoder(cfg) -> VisionTransformer:
 
 
 def resolve_backend(name: str) -> str:
-    from fastjepa_kernels import ATTENTION_BACKENDS
+    """``model.attention_backend`` -> a ``fastjepa_kernels`` backend. ``auto`` stays ``auto``: each call
+    takes the Triton kernel for CUDA tensors and SDPA elsewhere (CPU runs, unsupported head dims)."""
+    from fastjepa_kernels import ATTENTION_BACKENDS, TRITON_AVAILABLE
 
-    if name == "auto":
-        return "triton" if torch.cuda.is_available() and "triton" in ATTENTION_BACKENDS else "sdpa"
     if name not in ATTENTION_BACKENDS:
-        raise ValueError(
-            f"model.attention_backend={name!r} is not available in this build of fastjepa_kernels "
-            f"(available: {', '.join(ATTENTION_BACKENDS)})"
-        )
+        raise ValueError(f"model.attention_backend={name!r} is unknown (choose one of {', '.join(ATTENTION_BACKENDS)})")
+    if name == "triton" and not TRITON_AVAILABLE:
+        raise ValueError("model.attention_backend='triton' needs the triton package (pip install triton); "
+                         "use 'auto' or 'sdpa'")
+    if name == "auto" and torch.cuda.is_available() and not TRITON_AVAILABLE:
+        _say_once("fastjepa: triton not installed; attention runs on PyTorch SDPA (pip install triton for the fused kernels)")
     return name
+
+
+def ops_backend(attention_backend: str) -> str:
+    """The backend of the other fused ops (gather, target loss, EMA) that goes with an attention backend:
+    ``triton`` with ``triton``, the PyTorch ``reference`` with ``sdpa``, ``auto`` with ``auto``."""
+    return "reference" if attention_backend == "sdpa" else attention_backend
+
+
+_SAID: set = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        print(message, file=sys.stderr)
