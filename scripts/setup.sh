@@ -8,6 +8,8 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check "${FASTJEPA_TORCH:-torch==2.13.0}" "triton==3.6.0"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+# timm for the drop-in tests; --no-deps: its torchvision pin cannot import beside a CPU-only torch build
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "timm>=1.0"
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
