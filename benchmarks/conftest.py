@@ -61,6 +61,33 @@ def measured_gemm_tflops(device: torch.device, dtype=torch.float32, n: int = 102
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
 
 
+def time_call(fn, device: torch.device, seconds: float = 0.3) -> float:
+    """Mean seconds per call over about ``seconds`` (side measurements, not the benchmark itself)."""
+    fn()
+    synchronize(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        count += 1
+    synchronize(device)
+    return (time.perf_counter() - start) / count
+
+
+_COPY_GBPS: dict = {}
+
+
+def copy_gbps(device: torch.device, nbytes: int | None = None) -> float:
+    """Achieved bandwidth of ``dst.copy_(src)`` in GB/s (bytes read + written): the practical peak of a
+    memory-bound kernel. 512 MB on CUDA (far beyond L2), 16 MB on CPU; measured once per device."""
+    nbytes = nbytes or (512 << 20 if device.type == "cuda" else 16 << 20)
+    key = (str(device), nbytes)
+    if key not in _COPY_GBPS:
+        src = torch.empty(nbytes // 4, device=device)
+        dst = torch.empty_like(src)
+        _COPY_GBPS[key] = 2 * nbytes / time_call(lambda: dst.copy_(src), device) / 1e9
+    return _COPY_GBPS[key]
+
+
 def build_trainer(config: Path, output_dir: Path, overrides=()):
     from fastjepa.config import load_config
     from fastjepa.trainer import Trainer
@@ -80,4 +107,5 @@ def bench_tools():
     import types
 
     return types.SimpleNamespace(REPO=REPO, CONFIGS=CONFIGS, describe=describe, synchronize=synchronize,
-                                 measured_gemm_tflops=measured_gemm_tflops, build_trainer=build_trainer)
+                                 measured_gemm_tflops=measured_gemm_tflops, build_trainer=build_trainer,
+                                 time_call=time_call, copy_gbps=copy_gbps)

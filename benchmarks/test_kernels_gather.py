@@ -10,7 +10,6 @@ On CPU only the reference path runs, at small sizes; the Triton path and the big
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -24,28 +23,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # name: (B, N, D, rows kept per image, picks per kept row, with pos)
 CUDA_CASES = {"encoder_vith": (128, 256, 1280, 110, 1, True), "predictor_src": (128, 110, 384, 110, 4, False)}
 CPU_CASES = {"encoder_small": (4, 64, 128, 28, 1, True), "predictor_small": (4, 28, 64, 28, 4, False)}
-
-
-def copy_gbps(device, nbytes=None) -> float:
-    """Achieved bandwidth of ``dst.copy_(src)``: bytes read + written per second, in GB/s."""
-    nbytes = nbytes or (512 << 20 if device.type == "cuda" else 16 << 20)
-    src = torch.empty(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / time_call(lambda: dst.copy_(src), device) / 1e9
-
-
-def time_call(fn, device, seconds=0.3) -> float:
-    """Mean seconds per call over ~``seconds`` (side measurements, not the benchmark itself)."""
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        fn()
-        count += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / count
 
 
 def make_case(B, N, D, kept, picks, with_pos, dtype):
@@ -94,7 +71,7 @@ def test_gather_bandwidth(benchmark, bench_tools, case, backend, mode):
     benchmark.pedantic(step, rounds=20 if on_cuda else 5, iterations=5 if on_cuda else 1, warmup_rounds=2)
     seconds = benchmark.stats.stats.median
     nbytes = moved_bytes(x, index, pos, mode)
-    peak = copy_gbps(DEVICE)
+    peak = bench_tools.copy_gbps(DEVICE)
     benchmark.extra_info.update(bench_tools.describe(DEVICE))
     benchmark.extra_info.update(
         triton=triton.__version__, op="gather_tokens", backend=backend, mode=mode, dtype=str(dtype),

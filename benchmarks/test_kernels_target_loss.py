@@ -9,7 +9,6 @@ timed on the same device. On CPU only the reference runs, at a small size.
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -21,28 +20,6 @@ from fastjepa_kernels import jepa_target_loss  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CUDA_CASE = (128, 256, 1280, 4 * 44)  # B, N, D, target rows per image
 CPU_CASE = (4, 64, 128, 4 * 11)
-
-
-def time_call(fn, device, seconds=0.3) -> float:
-    """Mean seconds per call over ~``seconds`` (side measurements, not the benchmark itself)."""
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        fn()
-        count += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / count
-
-
-def copy_gbps(device) -> float:
-    """Achieved bandwidth of ``dst.copy_(src)`` (bytes read + written per second), GB/s."""
-    nbytes = 512 << 20 if device.type == "cuda" else 16 << 20
-    src = torch.empty(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / time_call(lambda: dst.copy_(src), device) / 1e9
 
 
 def make_case(B, N, D, per_image, pred_dtype, target_dtype):
@@ -76,12 +53,12 @@ def test_target_loss_fwd_bwd(benchmark, bench_tools, backend, kind):
     seconds = benchmark.stats.stats.median
     T = index.shape[0]
     nbytes = T * D * (target.element_size() + 3 * pred.element_size() + 2 * pred.element_size()) + T * 4
-    peak = copy_gbps(DEVICE)
+    peak = bench_tools.copy_gbps(DEVICE)
     info = dict(triton=triton.__version__, op="jepa_target_loss", backend=backend, kind=kind, mode="full",
                 shape=dict(pred=[T, D], target=list(target.shape)), pred_dtype=str(pred_dtype),
                 target_dtype=str(target.dtype), bytes=nbytes, gbps=nbytes / seconds / 1e9, copy_gbps=peak,
                 fraction_of_copy=nbytes / seconds / 1e9 / peak)
     if backend == "triton":
-        info["speedup_vs_reference"] = time_call(run("reference"), DEVICE) / seconds
+        info["speedup_vs_reference"] = bench_tools.time_call(run("reference"), DEVICE) / seconds
     benchmark.extra_info.update(bench_tools.describe(DEVICE))
     benchmark.extra_info.update(info)

@@ -8,14 +8,8 @@ from .attention import varlen_attention, varlen_attention_qkvpacked
 from .ema import ema_
 from .gather import gather_tokens, scatter_tokens
 from .target_loss import jepa_target_loss
-from .timm_vit import VarlenAttention, pack_tokens, patch_vit, forward_packed
-
-try:
-    import triton as _triton  # noqa: F401
-
-    TRITON_AVAILABLE = True
-except ImportError:
-    TRITON_AVAILABLE = False
+from ._backend import TRITON_AVAILABLE
+from .timm_vit import VarlenAttention, forward_packed, pack_tokens, patch_vit
 
 __all__ = [
     "ATTENTION_BACKENDS",

@@ -71,6 +71,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._backend import use_triton
+
 try:
     import triton
     import triton.language as tl
@@ -673,22 +675,10 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, device: torch.device) -> None:
 
 def _use_triton(backend: str, x: torch.Tensor) -> bool:
     """Resolve ``backend`` for tokens ``x [T, (3,) H, d]``: True for the Triton path."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "sdpa":
-        return False
-    supported = x.dtype in TRITON_DTYPES and _supported_head_dim(x.shape[-1])
-    if backend == "auto":
-        return triton is not None and supported and x.is_cuda
-    if triton is None:
-        raise RuntimeError("attention backend 'triton' needs the triton package")
-    if x.dtype not in TRITON_DTYPES:
-        raise TypeError(f"attention backend 'triton' supports {list(TRITON_DTYPES)}, got {x.dtype}")
-    if not _supported_head_dim(x.shape[-1]):
+    dim_ok = _supported_head_dim(x.shape[-1])
+    if backend == "triton" and not dim_ok:
         raise ValueError(f"attention backend 'triton' supports head dims 8..128 in multiples of 8, got {x.shape[-1]}")
-    if not x.is_cuda and not _INTERPRETING:
-        raise RuntimeError("attention backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)")
-    return True
+    return use_triton("attention", backend, (x,), TRITON_DTYPES, reference="sdpa", supported=dim_ok)
 
 
 def _scale(softmax_scale, dim: int) -> float:

@@ -24,10 +24,11 @@ Triton design:
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
+
+from ._backend import use_triton
 
 try:
     import triton
@@ -244,21 +245,7 @@ _scatter_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 # public functions
 # ---------------------------------------------------------------------------------------------------
 def _use_triton(backend: str, *tensors) -> bool:
-    """Resolve ``backend`` for these tensors: True for the Triton path."""
-    if backend not in BACKENDS:
-        raise ValueError(f"gather backend {backend!r} is unknown; choose one of {BACKENDS}")
-    if backend == "reference":
-        return False
-    supported = all(t.dtype in TRITON_DTYPES for t in tensors)
-    if backend == "auto":
-        return triton is not None and supported and all(t.is_cuda for t in tensors)
-    if triton is None:
-        raise RuntimeError("gather backend 'triton' needs the triton package")
-    if not supported:
-        raise TypeError(f"gather backend 'triton' supports {list(TRITON_DTYPES)}, got {[t.dtype for t in tensors]}")
-    if not all(t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise RuntimeError("gather backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)")
-    return True
+    return use_triton("gather", backend, tensors, TRITON_DTYPES)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, pos: torch.Tensor | None = None, out_dtype=None,

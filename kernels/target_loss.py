@@ -17,10 +17,11 @@ the saved gradient by the upstream scalar on the device (no host sync).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
+
+from ._backend import use_triton
 
 try:
     import triton
@@ -176,20 +177,7 @@ _target_loss_op.register_autograd(_target_loss_backward, setup_context=_target_l
 # public function
 # ---------------------------------------------------------------------------------------------------
 def _use_triton(backend: str, *tensors) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"target-loss backend {backend!r} is unknown; choose one of {BACKENDS}")
-    if backend == "reference":
-        return False
-    supported = all(t.dtype in TRITON_DTYPES for t in tensors)
-    if backend == "auto":
-        return triton is not None and supported and all(t.is_cuda for t in tensors)
-    if triton is None:
-        raise RuntimeError("target-loss backend 'triton' needs the triton package")
-    if not supported:
-        raise TypeError(f"target-loss backend 'triton' supports {list(TRITON_DTYPES)}, got {[t.dtype for t in tensors]}")
-    if not all(t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise RuntimeError("target-loss backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)")
-    return True
+    return use_triton("target-loss", backend, tensors, TRITON_DTYPES)
 
 
 def jepa_target_loss(pred, target, index, kind: str = "smooth_l1", backend: str = "auto"):
