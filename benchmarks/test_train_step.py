@@ -22,8 +22,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastjepa.flops import peak_tflops, step_flops
-from fastjepa_kernels import jepa_target_loss
+pytest.importorskip("pydantic", reason="the trainer's config needs pydantic (scripts/fetch_device_wheels.sh)")
+
+from fastjepa.flops import peak_tflops, step_flops  # noqa: E402
+from fastjepa_kernels import jepa_target_loss  # noqa: E402
 
 # the demo trains on Fashion-MNIST; where it is not installed the step is timed on synthetic images
 _DEMO_DATA = ([] if os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")

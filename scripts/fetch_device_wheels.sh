@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d wheels \
-  "pydantic>=2" tqdm safetensors
+  "pydantic>=2" tqdm safetensors hypothesis
 du -sh wheels

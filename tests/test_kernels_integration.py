@@ -11,6 +11,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+pytest.importorskip("pydantic", reason="the trainer's config needs pydantic (absent on a bare GPU machine)")
 
 from fastjepa.config import load_config  # noqa: E402
 from fastjepa.trainer import Trainer  # noqa: E402
