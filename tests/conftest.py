@@ -58,6 +58,13 @@ def subprocess_env(**extra) -> dict:
     return env
 
 
+def nan_empty(*shape, dtype=None, device=None, **kw):
+    """``torch.empty`` whose floating-point results start as NaN: a kernel's launcher allocating with it
+    leaves NaN wherever the kernel forgot to write, and the comparison with the reference fails."""
+    out = torch.empty(*shape, dtype=dtype, device=device, **kw)
+    return out.fill_(float("nan")) if out.is_floating_point() else out
+
+
 def read_metrics(output_dir) -> list[dict]:
     """metrics.jsonl as strict JSON (NaN/Infinity are not JSON and fail here)."""
     def reject(constant):
@@ -121,5 +128,5 @@ def helpers():
     return types.SimpleNamespace(
         TINY=list(TINY), REPO=REPO, TRAIN_SCRIPT=TRAIN_SCRIPT, tiny_config_dict=tiny_config_dict,
         subprocess_env=subprocess_env, read_metrics=read_metrics, make_image=make_image,
-        make_image_tree=make_image_tree,
+        make_image_tree=make_image_tree, nan_empty=nan_empty,
     )

@@ -22,13 +22,9 @@ TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16:
 
 
 @pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
+def poisoned_outputs(monkeypatch, helpers):
     """Every output the launchers allocate starts as NaN, so unwritten elements fail the comparison."""
-    def nan_empty(*shape, dtype=None, device=None, **kw):
-        out = torch.empty(*shape, dtype=dtype, device=device, **kw)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(gather_mod, "_empty", nan_empty)
+    monkeypatch.setattr(gather_mod, "_empty", helpers.nan_empty)
 
 
 def random_index(total, count, index_dtype, gen, hot=None):

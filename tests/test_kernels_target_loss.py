@@ -23,13 +23,9 @@ GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 
 @pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
+def poisoned_outputs(monkeypatch, helpers):
     """Every output the launcher allocates (grad_pred, partial sums) starts as NaN."""
-    def nan_empty(*shape, dtype=None, device=None, **kw):
-        out = torch.empty(*shape, dtype=dtype, device=device, **kw)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(loss_mod, "_empty", nan_empty)
+    monkeypatch.setattr(loss_mod, "_empty", helpers.nan_empty)
 
 
 def loss64(pred, target, index, kind):
