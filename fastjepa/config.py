@@ -42,6 +42,9 @@ class ModelConfig(_Section):
     pred_embed_dim: int = 384
     pred_num_heads: Optional[int] = None  # None: the encoder's head count (official init_model)
     attention_backend: Literal["auto", "sdpa", "triton"] = "auto"
+    # recompute each transformer block in the backward pass instead of keeping its activations
+    # (fastjepa.models.vit.run_blocks); ZeRO-3 needs "reentrant"
+    activation_checkpointing: Literal["off", "reentrant", "non_reentrant"] = "off"
 
     @model_validator(mode="after")
     def _grid(self):

@@ -75,7 +75,8 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)  # every rank starts from the same weights
 
-        self.model, self.target = build_models(cfg)
+        with torch.device(self.device):  # initialise on the device: a ViT-H takes seconds on a CPU
+            self.model, self.target = build_models(cfg)
         self.ops_backend = self.model.encoder.ops_backend  # gather, target loss and EMA follow attention
         self.model.to(self.device)
         self.target.to(self.device)

@@ -282,6 +282,47 @@ def test_gradients_reach_every_parameter():
     assert all(p.grad is None for p in target.parameters())
 
 
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_activation_checkpointing_gives_the_same_gradients(mode):
+    """Recomputing blocks in the backward pass changes memory, not maths: loss and every gradient equal
+    the plain run's (float64 so that recomputation order cannot hide behind rounding)."""
+    def run(checkpointing):
+        enc, pred = randomize_(small_encoder()).double(), randomize_(small_predictor(), seed=9).double()
+        enc.train(), pred.train()
+        enc.checkpointing = pred.checkpointing = checkpointing
+        images, masks = batch(3, seed=8)
+        images = images.double()
+        h = small_encoder(seed=2).double()(images).detach()
+        ctx = enc(images, masks.ctx_index, masks.ctx_cu_seqlens, masks.ctx_max_seqlen)
+        loss = jepa_target_loss(pred(ctx, masks), h, masks.tgt_index)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in list(enc.named_parameters()) + list(pred.named_parameters())}
+
+    ref_loss, ref = run("off")
+    loss, got = run(mode)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-14, msg=name)
+
+
+def test_activation_checkpointing_recomputes_each_block_once():
+    """The checkpointed run enters every block's forward twice (once more in backward); the plain run once.
+    (A pre-hook: non-reentrant recomputation stops early, before a forward hook would fire.)"""
+    calls = {}
+    enc = small_encoder(depth=3).train()
+    enc.checkpointing = "non_reentrant"
+    for i, blk in enumerate(enc.blocks):
+        blk.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls.get(i, 0) + 1))
+    images, masks = batch(2, seed=1)
+    enc(images, masks.ctx_index, masks.ctx_cu_seqlens, masks.ctx_max_seqlen).square().sum().backward()
+    assert calls == {0: 2, 1: 2, 2: 2}
+    calls.clear()
+    with torch.no_grad():  # no backward, nothing to recompute: a frozen or target encoder runs plain
+        enc(images)
+    assert calls == {0: 1, 1: 1, 2: 1}
+
+
 # ---------------------------------------------------------------------------------------------------
 # initialisation (official: trunc-normal 0.02, zero bias, unit LN, residual projections / sqrt(2 (i + 1)))
 # ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from fastjepa_kernels import gather_tokens
 
 from ..masks import PackedMasks
 from .pos_embed import sincos_2d
-from .vit import LN_EPS, Block, init_weights, ops_backend, resolve_backend
+from .vit import LN_EPS, Block, init_weights, ops_backend, resolve_backend, run_blocks
 
 
 class Predictor(nn.Module):
@@ -16,8 +16,9 @@ class Predictor(nn.Module):
     like ``masks.tgt_index``."""
 
     def __init__(self, grid, embed_dim=1280, pred_dim=384, depth=12, num_heads=16, mlp_ratio=4.0,
-                 attention_backend="sdpa"):
+                 attention_backend="sdpa", checkpointing="off"):
         super().__init__()
+        self.checkpointing = checkpointing  # see fastjepa.models.vit.run_blocks
         self.predictor_embed = nn.Linear(embed_dim, pred_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, pred_dim))
         self.register_buffer("pos_embed", sincos_2d(pred_dim, *grid), persistent=False)
@@ -34,8 +35,7 @@ class Predictor(nn.Module):
         table = torch.cat([x, self.mask_token.to(x.dtype)], dim=0)
         x = gather_tokens(table, masks.pred_src, backend=self.ops_backend)
         x = x + self.pos_embed.to(x.dtype).index_select(0, masks.pred_pos)
-        for blk in self.blocks:
-            x = blk(x, masks.pred_cu_seqlens, masks.pred_max_seqlen)
+        x = run_blocks(self.blocks, x, masks.pred_cu_seqlens, masks.pred_max_seqlen, self.checkpointing)
         x = x.index_select(0, masks.pred_out)  # only the target rows need the head
         return self.predictor_proj(self.norm(x))
 
@@ -44,4 +44,5 @@ def build_predictor(cfg, encoder) -> Predictor:
     return Predictor(
         grid=encoder.grid, embed_dim=encoder.embed_dim, pred_dim=cfg.pred_embed_dim, depth=cfg.pred_depth,
         num_heads=cfg.pred_num_heads or encoder.num_heads, attention_backend=resolve_backend(cfg.attention_backend),
+        checkpointing=cfg.activation_checkpointing,
     )

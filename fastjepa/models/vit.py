@@ -7,11 +7,11 @@ of full images is the special case of ``B`` sequences of ``N`` tokens. Attention
 from __future__ import annotations
 
 import math
-
 import sys
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from fastjepa_kernels import gather_tokens, varlen_attention_qkvpacked
 
@@ -85,6 +85,22 @@ def init_weights(module: nn.Module, blocks: nn.ModuleList) -> None:
             blk.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
 
 
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+               checkpointing: str = "off") -> torch.Tensor:
+    """``x [T, D]`` through every block. ``checkpointing`` ("off", "reentrant", "non_reentrant") keeps only
+    each block's input for the backward pass and recomputes the block there: activation memory falls
+    from ~``T * D * 30`` bytes per block (bf16) to ``2 * T * D``, for one more forward per block.
+    Reentrant is what DeepSpeed ZeRO-3 needs (its parameter hooks fire again in the recomputation)."""
+    if checkpointing == "off" or not (torch.is_grad_enabled() and x.requires_grad):
+        for blk in blocks:
+            x = blk(x, cu_seqlens, max_seqlen)
+        return x
+    reentrant = checkpointing == "reentrant"
+    for blk in blocks:
+        x = checkpoint(blk, x, cu_seqlens, max_seqlen, use_reentrant=reentrant)
+    return x
+
+
 def uniform_cu_seqlens(batch: int, length: int, device) -> torch.Tensor:
     """int32 ``[batch + 1]`` = 0, length, 2 length, ... (built on the device, no host copy)."""
     return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
@@ -95,8 +111,9 @@ class VisionTransformer(nn.Module):
     ``index [T]`` (flat ``b * N + n``), ``cu_seqlens`` and ``max_seqlen`` -> packed ``[T, D]``."""
 
     def __init__(self, img_size=224, patch_size=14, in_chans=3, embed_dim=1280, depth=32, num_heads=16,
-                 mlp_ratio=4.0, attention_backend="sdpa"):
+                 mlp_ratio=4.0, attention_backend="sdpa", checkpointing="off"):
         super().__init__()
+        self.checkpointing = checkpointing  # see run_blocks
         self.patch_size, self.in_chans, self.embed_dim, self.num_heads = patch_size, in_chans, embed_dim, num_heads
         self.grid = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
@@ -119,9 +136,7 @@ class VisionTransformer(nn.Module):
             cu_seqlens, max_seqlen = uniform_cu_seqlens(batch, n, x.device), n
         else:
             tokens = gather_tokens(x, index, self.pos_embed.to(x.dtype), backend=self.ops_backend)
-        for blk in self.blocks:
-            tokens = blk(tokens, cu_seqlens, max_seqlen)
-        tokens = self.norm(tokens)
+        tokens = self.norm(run_blocks(self.blocks, tokens, cu_seqlens, max_seqlen, self.checkpointing))
         return tokens.view(batch, n, dim) if index is None else tokens
 
 
@@ -132,6 +147,7 @@ def build_encoder(cfg) -> VisionTransformer:
         img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
         embed_dim=cfg.embed_dim or width, depth=cfg.depth or depth, num_heads=cfg.num_heads or heads,
         mlp_ratio=cfg.mlp_ratio or ratio, attention_backend=resolve_backend(cfg.attention_backend),
+        checkpointing=cfg.activation_checkpointing,
     )
 
 
