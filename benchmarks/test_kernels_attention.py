@@ -234,16 +234,7 @@ def test_varlen_attention(benchmark, bench_tools, shape, provider, mode):
     err = float((out.float() - ref).norm() / ref.norm())
     assert err < 2e-2, f"{provider} disagrees with the SDPA reference: relative error {err:.3e}"
 
-    def step():
-        result = run()
-        bench_tools.synchronize(device)
-        return result
-
-    if CUDA:
-        benchmark.pedantic(step, rounds=10, iterations=5, warmup_rounds=2)
-    else:
-        benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
-    mean = benchmark.stats.stats.mean
+    mean = bench_tools.per_call_seconds(benchmark, run, device, stat="mean")
     flops = forward_flops(case.lengths, case.heads, case.dim) * (1.0 if mode == "fwd" else 1.0 + BACKWARD_FACTOR)
     peak, peak_kind = gemm_peak(bench_tools, device)
     info = bench_tools.describe(device)

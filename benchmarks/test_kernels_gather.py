@@ -65,11 +65,8 @@ def test_gather_bandwidth(benchmark, bench_tools, case, backend, mode):
         out = gather_tokens(x, index, pos, backend=backend)
         if mode == "full":
             torch.autograd.grad(out, [t for t in (x, pos) if t is not None], grad)
-        bench_tools.synchronize(DEVICE)
 
-    step()
-    benchmark.pedantic(step, rounds=20 if on_cuda else 5, iterations=5 if on_cuda else 1, warmup_rounds=2)
-    seconds = benchmark.stats.stats.median
+    seconds = bench_tools.per_call_seconds(benchmark, step, DEVICE)
     nbytes = moved_bytes(x, index, pos, mode)
     peak = bench_tools.copy_gbps(DEVICE)
     benchmark.extra_info.update(bench_tools.describe(DEVICE))

@@ -2,6 +2,8 @@
 
 - ``test_train_step[demo-cpu]``: configs/demo.json (batch 32 instead of 128, to stay quick) on CPU.
 - ``test_train_step[vith14-cuda]``: configs/vith14.json on CUDA; skipped without CUDA or the config.
+- ``test_train_step[vith14-cuda-compile]``: the same with ``train.compile=true`` (compiled blocks; the
+  compilation happens in the warm-up rounds, outside the timing).
 - ``test_packed_vs_padded[packed|padded]``: the same masks and weights, forward + backward of the step's
   model part (target encoder, context encoder, predictor, loss). Padded = every context set and every
   predictor sequence padded to the batch maximum with a key-padding mask, as a rectangular-batch
@@ -30,11 +32,12 @@ from fastjepa_kernels import jepa_target_loss  # noqa: E402
 # the demo trains on Fashion-MNIST; where it is not installed the step is timed on synthetic images
 _DEMO_DATA = ([] if os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
               else ["data.dataset=synthetic"])
+_VITH = ["train.device=cuda", "train.precision=bf16", "data.dataset=synthetic", "data.synthetic_size=4096",
+         f"train.batch_size={os.environ.get('FASTJEPA_BENCH_VITH_BATCH', 64)}"]
 CASES = {
     "demo-cpu": ("demo.json", "cpu", ["train.device=cpu", "train.batch_size=32"] + _DEMO_DATA),
-    "vith14-cuda": ("vith14.json", "cuda", ["train.device=cuda", "train.precision=bf16",
-                                            "data.dataset=synthetic", "data.synthetic_size=4096",
-                                            f"train.batch_size={os.environ.get('FASTJEPA_BENCH_VITH_BATCH', 64)}"]),
+    "vith14-cuda": ("vith14.json", "cuda", _VITH),
+    "vith14-cuda-compile": ("vith14.json", "cuda", _VITH + ["train.compile=true"]),
 }
 
 
@@ -76,7 +79,7 @@ def test_train_step(benchmark, bench_tools, tmp_path, case):
         return out
 
     rounds = 5 if device.type == "cpu" else 10
-    out = benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=2)
+    out = benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=3)  # every batch seen once
     assert torch.isfinite(out["loss"]).item()
     flops = float(np.mean([step_flops(trainer.model, b.masks, batch_size) for b in batches]))
     cfg = trainer.cfg
@@ -85,7 +88,7 @@ def test_train_step(benchmark, bench_tools, tmp_path, case):
         "img_size": cfg.model.img_size, "patch_size": cfg.model.patch_size,
         "embed_dim": trainer.model.encoder.embed_dim, "depth": len(trainer.model.encoder.blocks),
         "pred_dim": trainer.model.predictor.predictor_embed.out_features,
-        "pred_depth": len(trainer.model.predictor.blocks),
+        "pred_depth": len(trainer.model.predictor.blocks), "compile": cfg.train.compile,
         "context_tokens_per_image": float(np.mean([np.mean(b.masks.ctx_lens) for b in batches])),
         "target_tokens_per_image": float(np.mean([sum(b.masks.tgt_lens) / batch_size for b in batches])),
     })

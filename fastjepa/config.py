@@ -120,6 +120,9 @@ class TrainConfig(_Section):
     max_nonfinite_steps: int = 10  # this many skipped steps in a row stop the run (with a checkpoint)
     tensorboard: bool = True
     progress: Literal["auto", "on", "off"] = "auto"
+    # torch.compile each transformer block (regional: one compiled graph shared by all blocks of a
+    # width; dynamic token counts). Fuses LayerNorm, bias, GELU and residual adds around the kernels.
+    compile: bool = False
 
     @model_validator(mode="after")
     def _positive(self):

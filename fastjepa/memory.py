@@ -11,11 +11,13 @@ weights and two moments):
 - the fp32 target encoder: 4 Psi_enc, or 4 Psi_enc / n when it is sharded with the encoder (ZeRO-3).
 
 Activations kept for the backward, per token per transformer block of width D and MLP ratio r under
-bf16 autocast (what each op saves): LayerNorm input 2D, qkv input 2D, packed qkv 6D, attention output 2D
-(the proj input is the same tensor), second LayerNorm input 2D, fc1 input 2D, fc1 output 2rD (GELU's
-input), GELU output 2rD (fc2's input), plus fp32 LayerNorm statistics 16 and the attention LSE 4H bytes:
-``(16 + 4 r) D + 16 + 4 H`` bytes (48 D for r = 4). With activation checkpointing a block keeps only its
-input (2D) and one block at a time is rebuilt in the backward pass.
+bf16 autocast (what each op saves): two LayerNorm inputs, qkv input 2D, packed qkv 6D, attention output
+2D (the proj input is the same tensor), fc1 input 2D, fc1 output 2rD (GELU's input), GELU output 2rD
+(fc2's input), fp32 LayerNorm statistics 16 and the attention LSE 4H bytes. CUDA's autocast runs
+LayerNorm in fp32, so each LayerNorm keeps an fp32 copy of its input (4D; CPU's keeps the bf16 one, 2D):
+``(20 + 4 r) D + 16 + 4 H`` bytes on CUDA (52 D for r = 4), ``(16 + 4 r) D + 16 + 4 H`` on CPU (measured:
+tests/test_memory.py). With activation checkpointing a block keeps only its input (2D) and one block at a
+time is rebuilt in the backward pass.
 """
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ import numpy as np
 GB = 1e9
 
 
-def block_bytes_per_token(width: int, mlp_ratio: float, heads: int) -> float:
-    """Bytes one token keeps for the backward in one transformer block (bf16 autocast)."""
-    return (16 + 4 * mlp_ratio) * width + 16 + 4 * heads
+def block_bytes_per_token(width: int, mlp_ratio: float, heads: int, device_type: str = "cuda") -> float:
+    """Bytes one token keeps for the backward in one transformer block (bf16 autocast on ``device_type``)."""
+    layer_norm_inputs = 8 if device_type == "cuda" else 4
+    return (12 + layer_norm_inputs + 4 * mlp_ratio) * width + 16 + 4 * heads
 
 
 def model_state_bytes(psi: float, psi_enc: float, stage: int, ranks: int = 1) -> float:

@@ -34,6 +34,7 @@ from .data.loader import DataError, build_batches, build_loader
 from .flops import step_flops
 from .metrics import MetricsLogger
 from .models import build_encoder, build_predictor
+from .models.vit import Block
 from .optim import build_optimizer, set_hyperparameters
 
 
@@ -57,6 +58,15 @@ def build_models(cfg: Config):
     return model, target
 
 
+def compile_blocks(*models: nn.Module) -> None:
+    """``torch.compile`` every transformer block in place (regional compilation: blocks of one width
+    share a graph, so ViT-H compiles two, not 76). Token counts change every step: dynamic shapes."""
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, Block):
+                module.compile(dynamic=True)
+
+
 def _deepspeed_wanted(cfg: Config, local_rank: int | None) -> bool:
     if cfg.deepspeed.enabled == "auto":
         return local_rank is not None or "LOCAL_RANK" in os.environ
@@ -78,6 +88,8 @@ class Trainer:
         with torch.device(self.device):  # initialise on the device: a ViT-H takes seconds on a CPU
             self.model, self.target = build_models(cfg)
         self.ops_backend = self.model.encoder.ops_backend  # gather, target loss and EMA follow attention
+        if cfg.train.compile:
+            compile_blocks(self.model, self.target)
         self.model.to(self.device)
         self.target.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)

@@ -673,12 +673,18 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, the tokens on {device}")
 
 
-def _use_triton(backend: str, x: torch.Tensor) -> bool:
-    """Resolve ``backend`` for tokens ``x [T, (3,) H, d]``: True for the Triton path."""
+def _use_triton(backend: str, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> bool:
+    """Resolve ``backend`` for tokens ``x [T, (3,) H, d]``: True for the Triton path.
+
+    ``auto`` leaves equal-length sequences (a batch of whole images: T = B * max_seqlen, known on the
+    host) to SDPA: with no padding to remove, cuDNN's dense kernels win (H100, ViT-H/14 target encoder,
+    128 x 256 tokens, d 80: 0.21 ms forward against Triton's 0.51 ms; benchmarks/results/)."""
     dim_ok = _supported_head_dim(x.shape[-1])
     if backend == "triton" and not dim_ok:
         raise ValueError(f"attention backend 'triton' supports head dims 8..128 in multiples of 8, got {x.shape[-1]}")
-    return use_triton("attention", backend, (x,), TRITON_DTYPES, reference="sdpa", supported=dim_ok)
+    dense = x.shape[0] == (cu_seqlens.shape[0] - 1) * max_seqlen
+    return use_triton("attention", backend, (x,), TRITON_DTYPES, reference="sdpa",
+                      supported=dim_ok and not (backend == "auto" and dense))
 
 
 def _scale(softmax_scale, dim: int) -> float:
@@ -702,7 +708,7 @@ def varlen_attention(
         raise ValueError(f"q, k, v must all be [T, H, d]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
         raise ValueError("cu_seqlens must be a 1-D int32 tensor of length batch + 1")
-    if not _use_triton(backend, q):
+    if not _use_triton(backend, q, cu_seqlens, max_seqlen):
         return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
     if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
         raise ValueError("q, k, v must share one dtype and device")
@@ -726,7 +732,7 @@ def varlen_attention_qkvpacked(
         raise ValueError(f"qkv must be [T, 3, H, d]; got {tuple(qkv.shape)}")
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
         raise ValueError("cu_seqlens must be a 1-D int32 tensor of length batch + 1")
-    if not _use_triton(backend, qkv):
+    if not _use_triton(backend, qkv, cu_seqlens, max_seqlen):
         q, k, v = qkv.unbind(1)
         return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
     _check_cu_seqlens(cu_seqlens, qkv.device)

@@ -319,6 +319,12 @@ def test_auto_picks_triton_only_for_cuda(monkeypatch):
     assert len(calls) == (1 if CUDA else 2)
     varlen_attention(q.double(), k.double(), v.double(), cu_of(lengths), 6)  # float64: sdpa under auto
     assert len(calls) == (2 if CUDA else 3)
+    # equal lengths (whole images, nothing to unpad): SDPA's dense kernels under auto, Triton when asked
+    q, k, v = random_case([5, 5], 1, 32, torch.float32, seed=2)[0].unbind(1)
+    varlen_attention(q, k, v, cu_of([5, 5]), 5)
+    assert len(calls) == (3 if CUDA else 4)
+    varlen_attention(q, k, v, cu_of([5, 5]), 5, backend="triton")
+    assert len(calls) == (3 if CUDA else 4)
 
 
 def test_input_checks():

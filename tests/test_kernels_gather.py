@@ -36,15 +36,16 @@ def random_index(total, count, index_dtype, gen, hot=None):
 
 
 def gather64(x, index, pos, grad):
-    """float64 forward and gradients, written independently of the module (no index_select)."""
-    x64 = x.detach().double().reshape(-1, x.shape[-1])
-    idx = index.long()
+    """float64 forward and gradients on the CPU, written independently of the module (no index_select)."""
+    x64 = x.detach().cpu().double().reshape(-1, x.shape[-1])
+    idx, grad = index.cpu().long(), grad.cpu()
+    pos = None if pos is None else pos.detach().cpu()
     out = x64[idx]
     gx = torch.zeros_like(x64).index_put_((idx,), grad.double(), accumulate=True)
     gpos = None
     if pos is not None:
         n = idx % x.shape[1]
-        out = out + pos.detach().double()[n]
+        out = out + pos.double()[n]
         gpos = torch.zeros_like(pos, dtype=torch.float64).index_put_((n,), grad.double(), accumulate=True)
     return out, gx.view(x.shape), gpos
 

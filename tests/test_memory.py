@@ -49,7 +49,7 @@ def test_block_activation_bytes_match_what_autograd_saves(width, heads, ratio, l
             return run_blocks(blocks, x, cu, max(lens), checkpointing)
 
     got, out = saved_bytes(forward, tokens)
-    per_block = 2 * width if checkpointing == "reentrant" else block_bytes_per_token(width, ratio, heads)
+    per_block = 2 * width if checkpointing == "reentrant" else block_bytes_per_token(width, ratio, heads, DEVICE)
     assert got == depth * per_block * tokens
     out.float().square().sum().backward()  # the saved set was sufficient: the backward runs
     assert x.grad is not None and torch.isfinite(x.grad.float()).all()
