@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Tuple
+from typing import Any, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
@@ -132,15 +132,30 @@ class TrainConfig(_Section):
         return self
 
 
+SizeOrAuto = Union[int, Literal["auto"]]
+
+
 class DeepSpeedConfig(_Section):
     enabled: Literal["auto", "on", "off"] = "auto"  # auto: on when started by the deepspeed launcher
     zero_stage: int = 0
+    # DeepSpeed's bf16 mode (bf16 weights and gradients, fp32 master weights in the optimizer): auto = on
+    # for train.precision=bf16 on CUDA; off = fp32 weights under torch autocast (the CPU path)
+    bf16: Literal["auto", "on", "off"] = "auto"
+    overlap_comm: bool = True
+    # "auto": derived from the model width D (DeepSpeed's Hugging Face integration): reduce bucket D^2,
+    # ZeRO-3 prefetch 0.9 D^2, parameters below 10 D elements stay whole on every rank under ZeRO-3
+    reduce_bucket_size: SizeOrAuto = "auto"
+    allgather_bucket_size: SizeOrAuto = "auto"
+    stage3_prefetch_bucket_size: SizeOrAuto = "auto"
+    stage3_param_persistence_threshold: SizeOrAuto = "auto"
+    # resume from a universal checkpoint (python -m fastjepa.zero to-universal), e.g. on another world size
+    load_universal: bool = False
 
     @field_validator("zero_stage")
     @classmethod
     def _stage(cls, v):
-        if v not in (0, 1, 2):
-            raise ValueError(f"deepspeed.zero_stage must be 0, 1 or 2 here (got {v})")
+        if v not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3 (got {v})")
         return v
 
 

@@ -35,6 +35,7 @@ from .flops import step_flops
 from .metrics import MetricsLogger
 from .models import build_encoder, build_predictor
 from .models.vit import Block
+from . import zero
 from .optim import build_optimizer, set_hyperparameters
 
 
@@ -93,17 +94,22 @@ class Trainer:
         self.model.to(self.device)
         self.target.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.engine = None
+        self.engine = self.target_engine = None
+        self.zero3 = self.use_deepspeed and cfg.deepspeed.zero_stage == 3
         if self.use_deepspeed:
             self._init_engine()
-        self.target_params = list(self.target.parameters())
-        self.online_params = list(self.model.encoder.parameters())
+        if self.zero3:  # this rank's slices: the EMA never leaves the rank (fastjepa/zero.py)
+            self.target_params, self.online_params = zero.ema_shards(self.target, self.model.encoder)
+        else:
+            self.target_params = list(self.target.parameters())
+            self.online_params = list(self.model.encoder.parameters())
         self.grad_params = [p for p in self.model.parameters() if p.requires_grad]
 
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if cfg.train.precision == "bf16" else nullcontext())
         self.total_steps = cfg.train.max_steps
         self.step = 0  # optimizer steps done
+        self.saved_step, self.saved_tag_dir = None, None  # the newest checkpoint written or loaded
         self.skipped_images = 0
         self.skipped_steps = torch.zeros((), device=self.device)  # device counters: read when logging
         self.nonfinite_run = torch.zeros((), device=self.device)
@@ -133,19 +139,22 @@ class Trainer:
     def _init_engine(self) -> None:
         import deepspeed
 
-        t = self.cfg.train
-        ds_config = {
-            "train_micro_batch_size_per_gpu": t.batch_size,
-            "gradient_accumulation_steps": t.grad_accum_steps,
-            "gradient_clipping": self.cfg.optim.clip_grad or 0.0,  # explicit: DeepSpeed >= 0.19.3 defaults to 1.0
-            "zero_optimization": {"stage": self.cfg.deepspeed.zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2**31 - 1,
-            "wall_clock_breakdown": False,
-        }
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=self.optimizer, config=ds_config)
+        width = self.model.encoder.embed_dim
+        if self.zero3 and self.cfg.model.activation_checkpointing == "non_reentrant":
+            # ZeRO-3 gathers parameters in module hooks that must fire again in the recomputation
+            if self.is_main:
+                print("fastjepa: ZeRO-3 uses reentrant activation checkpointing", file=sys.stderr)
+            for module in (self.model.encoder, self.model.predictor):
+                module.checkpointing = "reentrant"
+        config = zero.engine_config(self.cfg, width, self.device.type)
+        if self.cfg.deepspeed.load_universal:
+            config["checkpoint"] = {"load_universal": True}
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
+                                                                 config=config)
         self.inner_optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        if self.zero3:
+            self.target_engine, *_ = deepspeed.initialize(model=self.target,
+                                                          config=zero.target_engine_config(self.cfg, width))
 
     # ---- the step -------------------------------------------------------------------------------
     def train_step(self, micro_batches, want_stats: bool = False) -> dict:
@@ -161,7 +170,7 @@ class Trainer:
             images = batch.images.to(self.device, non_blocking=True)
             masks = batch.masks.to(self.device, non_blocking=True)
             with torch.no_grad(), self.autocast:
-                h = self.target(images)  # [B, N, D]
+                h = (self.target_engine or self.target)(images)  # [B, N, D]
             with self.autocast:
                 pred = self.model(images, masks) if self.engine is None else self.engine(images, masks)
             loss = jepa_target_loss(pred, h, masks.tgt_index, self.cfg.train.loss, backend=self.ops_backend)
@@ -222,7 +231,7 @@ class Trainer:
         return {
             "step": self.step,
             "model": self.model.state_dict(),
-            "target": self.target.state_dict(),
+            **({} if self.zero3 else {"target": self.target.state_dict()}),  # ZeRO-3: per-rank shard files
             "optimizer": self.optimizer.state_dict(),
             "skipped_images": self._global_skipped_images(),  # collective under DeepSpeed, like save()
             "skipped_steps": self.skipped_steps.cpu(),
@@ -239,20 +248,35 @@ class Trainer:
         torch.distributed.all_reduce(total)
         return int(total.item())
 
-    def save(self) -> None:
-        """A checkpoint of the current step (all ranks under DeepSpeed) + the target as safetensors."""
+    def save(self, final: bool = False) -> None:
+        """A checkpoint of the current step (all ranks under DeepSpeed) + the target as safetensors
+        (under ZeRO-3 only when ``final``: the whole target exists only in the shard files until then).
+        A step already saved (a run resumed at its last step) is not written again."""
         folder = self.output_dir / "checkpoints"
-        if self.engine is not None:
-            # nested under one key: DeepSpeed merges client_state into its own top level, where our
-            # "skipped_steps" overwrote its counter and was then dropped again on load (KeyError on resume)
-            client = {"fastjepa": {k: v for k, v in self.state_dict().items() if k not in ("model", "optimizer")}}
-            self.engine.save_checkpoint(str(folder / "deepspeed"), tag=f"step_{self.step:08d}", client_state=client)
-            if self.is_main:
-                self._prune_deepspeed_tags(folder / "deepspeed")
-        elif self.is_main:
-            save_checkpoint(folder, self.step, self.state_dict(), keep=self.cfg.train.keep_checkpoints)
+        if self.step != self.saved_step:
+            if self.engine is not None:
+                tag = f"step_{self.step:08d}"
+                if self.zero3:  # before DeepSpeed's save, which writes `latest` last
+                    zero.save_target_shard(folder / "deepspeed" / tag, self.target, self.rank, self.world_size)
+                # nested under one key: DeepSpeed merges client_state into its own top level, where our
+                # "skipped_steps" overwrote its counter and was then dropped again on load (KeyError on resume)
+                client = {"fastjepa": {k: v for k, v in self.state_dict().items() if k not in ("model", "optimizer")}}
+                self.engine.save_checkpoint(str(folder / "deepspeed"), tag=tag, client_state=client)
+                self.saved_tag_dir = folder / "deepspeed" / tag
+                if self.is_main:
+                    self._prune_deepspeed_tags(folder / "deepspeed")
+            elif self.is_main:
+                save_checkpoint(folder, self.step, self.state_dict(), keep=self.cfg.train.keep_checkpoints)
+            self.saved_step = self.step
+        if self.zero3 and not final:
+            return
+        if self.zero3:
+            torch.distributed.barrier()  # every rank's shard file is written
+            state = zero.consolidate_target(self.saved_tag_dir) if self.is_main else None
+        else:
+            state = self.target.state_dict()
         if self.is_main:
-            export_safetensors(self.output_dir / "target_encoder.safetensors", self.target.state_dict(),
+            export_safetensors(self.output_dir / "target_encoder.safetensors", state,
                                metadata={"step": str(self.step), "config": json.dumps(self.cfg.to_dict())})
 
     def _prune_deepspeed_tags(self, folder: Path) -> None:
@@ -268,6 +292,9 @@ class Trainer:
             if path is None:
                 return self._no_checkpoint(folder)
             state = client["fastjepa"]
+            self.saved_tag_dir = Path(path).parent
+            if self.zero3:
+                zero.load_target_shard(self.saved_tag_dir, self.target, self.rank, self.world_size)
         else:
             path = latest_checkpoint(folder)
             if path is None:
@@ -275,8 +302,9 @@ class Trainer:
             state = load_checkpoint(path, map_location=self.device)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-        self.target.load_state_dict(state["target"])
-        self.step = int(state["step"])
+        if not self.zero3:
+            self.target.load_state_dict(state["target"])
+        self.step = self.saved_step = int(state["step"])
         # the saved count is the sum over ranks: rank 0 carries it on, so sums stay right on any world size
         self.skipped_images = int(state["skipped_images"]) if self.is_main else 0
         self.skipped_steps.copy_(state["skipped_steps"])
@@ -378,24 +406,24 @@ class Trainer:
                     finite_window.zero_()
                     window_start = time.perf_counter()
                 if self.step % check_every == 0 and int(self.nonfinite_run) >= t.max_nonfinite_steps:
-                    self.save()
+                    self.save(final=True)
                     logger.message(f"fastjepa: stopping: {int(self.nonfinite_run)} non-finite steps in a row "
                                    f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); checkpoint at step {self.step}")
                     exit_code = 3
                     break
                 if self._should_stop(check_every):
-                    self.save()
+                    self.save(final=True)
                     logger.message(f"fastjepa: signal {self.stop_signal or 'on another rank'}: "
                                    f"checkpoint saved at step {self.step}")
                     break
                 if self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
                     self.save()
             else:
-                self.save()
+                self.save(final=True)
         except DataError as err:  # raised in a loader worker; its last line names the files
             detail = str(err).strip().splitlines()[-1]
             if self.engine is None and self.step > 0:  # under DeepSpeed a one-rank save would hang
-                self.save()
+                self.save(final=True)
             print(f"fastjepa: error: {detail} (stopped at step {self.step})", file=sys.stderr, flush=True)
             exit_code = 4
         finally:

@@ -1,13 +1,20 @@
-"""Data-parallel training through the DeepSpeed launcher: 2 CPU ranks (gloo), ZeRO stages 0, 1 and 2.
+"""Data-parallel training through the DeepSpeed launcher: 2 CPU ranks (gloo), ZeRO stages 0, 1, 2 and 3.
 
 Each stage runs ``deepspeed --num_accelerators 2 fastjepa/train.py ...`` once (a module-scoped fixture,
-~20 s each on 2 cores) through a small wrapper that, after ``Trainer.train``, dumps each rank's weights;
-the tests then check:
+~20 s each on 2 cores) through a small wrapper that, after ``Trainer.train``, dumps each rank's weights
+(gathered under ZeRO-3, for the test only) and counts the collectives issued inside the EMA; the tests
+then check:
 - the losses are finite and fall; the two ranks hold bit-identical weights (model and target);
 - step 1 matches an in-process reference: loss = mean of the two ranks' losses and grad_norm = the norm of
   the mean of their gradients (with gradient accumulation folded in for stage 1);
-- stage 2: DeepSpeed checkpoints keep only ``keep_checkpoints`` tags, and ``--resume`` from the step-6 tag
-  reproduces steps 7-8 and the final weights of the uninterrupted run.
+- all 10 steps match a one-process replay of the data-parallel run (both ranks' micro-batches, averaged
+  gradients, AdamW, a ``torch._foreach_lerp_`` EMA in fp32): losses, final weights and target encoder;
+- the EMA issues no collective on any rank (while the step around it issues many);
+- stage 2 and 3: DeepSpeed checkpoints keep only ``keep_checkpoints`` tags, and ``--resume`` from the
+  step-8 tag reproduces steps 9-10 and the final weights of the uninterrupted run;
+- stage 3: the exported target encoder (assembled from the per-rank shard files) equals the gathered
+  target; a universal checkpoint resumes on 1 rank with the same weights; a rank killed mid-step leaves
+  the last checkpoint loadable.
 Deselect with ``-m "not deepspeed"``. The first launch on a machine also JIT-builds DeepSpeed's CPU
 shared-memory op (~1 min, cached in ~/.cache/torch_extensions).
 """
@@ -32,21 +39,56 @@ try:
 except Exception as err:  # noqa: BLE001 -- any import failure means: cannot test here
     pytest.skip(f"deepspeed is not importable ({err}); pip install deepspeed>=0.19", allow_module_level=True)
 
-STEPS = 8
+STEPS = 10
 WORLD = 2
 
 # Runs the real entry point (fastjepa/train.py, which receives --local_rank from the launcher) with
-# Trainer.train wrapped to dump this rank's weights afterwards.
+# Trainer.train wrapped to dump this rank's weights afterwards, and every collective of torch.distributed
+# and deepspeed.comm counted, separately while the EMA runs (rank{r}_collectives.json).
 WRAPPER = textwrap.dedent("""
-    import os, runpy, sys
+    import contextlib, functools, json, os, runpy, sys
     import torch
+    import deepspeed.comm
     import fastjepa.trainer as T
+
+    COUNTS = {"ema": 0, "other": 0}
+    IN_EMA = [False]
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter",
+             "broadcast", "reduce", "all_to_all_single", "barrier", "send", "recv", "isend", "irecv",
+             "all_reduce_coalesced", "allgather_fn", "reduce_scatter_fn", "inference_all_reduce")
+
+    def counted(fn):
+        @functools.wraps(fn)
+        def call(*a, **k):
+            COUNTS["ema" if IN_EMA[0] else "other"] += 1
+            return fn(*a, **k)
+        return call
+
+    for module in (torch.distributed, deepspeed.comm):
+        for name in NAMES:
+            if callable(getattr(module, name, None)):
+                setattr(module, name, counted(getattr(module, name)))
+
+    def ema_counted(*a, _ema=T.ema_, **k):
+        IN_EMA[0] = True
+        try:
+            return _ema(*a, **k)
+        finally:
+            IN_EMA[0] = False
+    T.ema_ = ema_counted
 
     def dump_after_train(self, _train=T.Trainer.train):
         code = _train(self)
-        state = {"model." + k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        state.update({"target." + k: v.detach().cpu().clone() for k, v in self.target.state_dict().items()})
+        gathered = contextlib.nullcontext()
+        if self.zero3:  # the test's own look at the whole weights (the trainer never gathers the target)
+            params = list(self.model.parameters()) + list(self.target.parameters())
+            gathered = deepspeed.zero.GatheredParameters(params)
+        with gathered:
+            state = {"model." + k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            state.update({"target." + k: v.detach().cpu().clone() for k, v in self.target.state_dict().items()})
         torch.save(state, os.path.join(str(self.output_dir), f"rank{self.rank}_weights.pt"))
+        with open(os.path.join(str(self.output_dir), f"rank{self.rank}_collectives.json"), "w") as f:
+            json.dump(COUNTS, f)
         return code
 
     T.Trainer.train = dump_after_train
@@ -80,19 +122,21 @@ def tiny_json(helpers, tmp: Path, stage: int, accum: int) -> Path:
     return path
 
 
-def launch(helpers, workdir: Path, config: Path, output: Path, *extra: str):
+def launch(helpers, workdir: Path, config: Path, output: Path, *extra: str, world: int = WORLD,
+           prefix: str = "", expect_rc: int | None = 0):
     wrapper = workdir / "wrapper.py"
-    wrapper.write_text(WRAPPER)
-    cmd = launcher() + ["--num_accelerators", str(WORLD), "--master_port", str(free_port()), str(wrapper),
+    wrapper.write_text(prefix + WRAPPER)
+    cmd = launcher() + ["--num_accelerators", str(world), "--master_port", str(free_port()), str(wrapper),
                         "--config", str(config), "--output-dir", str(output), *extra]
     env = helpers.subprocess_env(DS_ACCELERATOR="cpu", FASTJEPA_TRAIN_SCRIPT=helpers.TRAIN_SCRIPT)
     proc = subprocess.run(cmd, env=env, cwd=helpers.REPO, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    if expect_rc is not None:
+        assert proc.returncode == expect_rc, proc.stdout[-6000:] + proc.stderr[-6000:]
     return proc.stdout + proc.stderr
 
 
 # stage 1 also accumulates 2 micro-batches per step
-STAGES = {0: 1, 1: 2, 2: 1}
+STAGES = {0: 1, 1: 2, 2: 1, 3: 1}
 
 
 @pytest.fixture(scope="module", params=sorted(STAGES), ids=lambda s: f"zero{s}")
@@ -164,36 +208,181 @@ def test_first_step_matches_two_rank_reference(ds_run, helpers):
     assert abs(rank0_only - ref_norm) > 1e-5 * ref_norm  # the check can tell a missing all-reduce apart
 
 
+def data_parallel_replay(config: Path, steps: int, world: int = WORLD):
+    """One process replaying a ``world``-rank data-parallel run: each step takes every rank's micro-batches,
+    averages their gradients, steps AdamW and moves the target with ``torch._foreach_lerp_`` in fp32.
+    Returns (per-step losses, model state, target state)."""
+    from fastjepa import schedules
+    from fastjepa.config import load_config
+    from fastjepa.data.loader import build_batches
+    from fastjepa.optim import build_optimizer, set_hyperparameters
+    from fastjepa.trainer import build_models
+    from fastjepa_kernels import jepa_target_loss
+
+    cfg = load_config(config)
+    torch.manual_seed(cfg.train.seed)
+    model, target = build_models(cfg)
+    optimizer = build_optimizer(model, cfg.optim)
+    data = [build_batches(cfg, model.encoder.grid, rank, world) for rank in range(world)]
+    accum, total = cfg.train.grad_accum_steps, cfg.train.max_steps
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = []
+    for step in range(steps):
+        set_hyperparameters(optimizer, schedules.learning_rate(step, cfg.optim, total),
+                            schedules.weight_decay(step, cfg.optim, total))
+        sums, step_losses = [torch.zeros_like(p) for p in params], []
+        for batches in data:
+            for micro in range(step * accum, (step + 1) * accum):
+                batch = batches[divmod(micro, batches.steps_per_epoch)]
+                model.zero_grad()
+                with torch.no_grad():
+                    h = target(batch.images)
+                loss = jepa_target_loss(model(batch.images, batch.masks), h, batch.masks.tgt_index, backend="reference")
+                loss.backward()
+                step_losses.append(loss.item())
+                torch._foreach_add_(sums, [p.grad for p in params])
+        for p, g in zip(params, sums):
+            p.grad = g / (world * accum)
+        optimizer.step()
+        momentum = schedules.ema_momentum(step, cfg.optim, total)
+        torch._foreach_lerp_(list(target.parameters()), list(model.encoder.parameters()), 1.0 - momentum)
+        losses.append(sum(step_losses) / len(step_losses))
+    return losses, model.state_dict(), target.state_dict()
+
+
+def test_matches_one_process_replay(ds_run, helpers):
+    """2 ranks x batch b == one process over both ranks' batches, for all 10 steps: losses, weights, and
+    the EMA target (fp32 on both sides: only summation order differs)."""
+    losses, model_state, target_state = data_parallel_replay(ds_run.config, STEPS)
+    got = [r["loss"] for r in helpers.read_metrics(ds_run.output)]
+    assert got == pytest.approx(losses, rel=1e-5, abs=1e-7)
+    weights = rank_weights(ds_run.output)[0]
+    for k, v in model_state.items():
+        torch.testing.assert_close(weights["model." + k], v, rtol=1e-4, atol=1e-6, msg=k)
+    for k, v in target_state.items():
+        torch.testing.assert_close(weights["target." + k], v, rtol=1e-4, atol=1e-6, msg=k)
+    moved = max((target_state[k] - weights["model.encoder." + k]).abs().max().item() for k in target_state)
+    assert moved > 1e-4  # the target lags the encoder: the comparison can tell EMA from a copy
+
+
+def test_ema_issues_no_collective(ds_run):
+    for rank in range(WORLD):
+        counts = json.loads((ds_run.output / f"rank{rank}_collectives.json").read_text())
+        assert counts["ema"] == 0, counts
+        if ds_run.stage:  # ZeRO steps communicate through the counted functions: the counter works
+            assert counts["other"] > STEPS, counts
+
+
 def test_checkpoints_are_pruned_and_resume_is_exact(ds_run, helpers):
-    if ds_run.stage != 2:
-        pytest.skip("resume is exercised on ZeRO-2 (partitioned gradients and optimizer state) only, for time")
+    if ds_run.stage < 2:
+        pytest.skip("resume is exercised on ZeRO-2 and ZeRO-3 (partitioned state) only, for time")
     folder = ds_run.output / "checkpoints" / "deepspeed"
     tags = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    assert tags == ["step_00000006", "step_00000008"]  # keep_checkpoints=2 of 4 saves
-    assert (folder / "latest").read_text().strip() == "step_00000008"
-    assert (folder / "step_00000006" / "mp_rank_00_model_states.pt").is_file()
+    assert tags == ["step_00000008", "step_00000010"]  # keep_checkpoints=2 of 5 saves
+    assert (folder / "latest").read_text().strip() == "step_00000010"
+    assert list((folder / "step_00000008").glob("*model_states.pt"))
+    if ds_run.stage == 3:
+        assert sorted(p.name for p in (folder / "step_00000008").glob("fastjepa_target_*")) == [
+            "fastjepa_target_rank00000_of_00002.safetensors", "fastjepa_target_rank00001_of_00002.safetensors"]
 
-    # the run as it was after step 6: tag 8 gone, latest -> 6, metrics up to 6
+    # the run as it was after step 8: tag 10 gone, latest -> 8, metrics up to 8
     resumed = ds_run.work / "resumed"
     shutil.copytree(ds_run.output, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "deepspeed" / "step_00000008")
-    (resumed / "checkpoints" / "deepspeed" / "latest").write_text("step_00000006")
-    lines = (resumed / "metrics.jsonl").read_text().splitlines()[:6]
+    shutil.rmtree(resumed / "checkpoints" / "deepspeed" / "step_00000010")
+    (resumed / "checkpoints" / "deepspeed" / "latest").write_text("step_00000008")
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()[:8]
     (resumed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     for r in range(WORLD):
         (resumed / f"rank{r}_weights.pt").unlink()
 
     log = launch(helpers, ds_run.work, ds_run.config, resumed, "--resume")
-    assert "at step 6" in log
+    assert "at step 8" in log
     full, again = helpers.read_metrics(ds_run.output), helpers.read_metrics(resumed)
     assert [r["step"] for r in again] == list(range(1, STEPS + 1))
-    for a, b in zip(full[6:], again[6:]):
+    for a, b in zip(full[8:], again[8:]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     w_full, w_again = rank_weights(ds_run.output)[0], rank_weights(resumed)
     for k in w_full:
         torch.testing.assert_close(w_again[0][k], w_full[k], rtol=0, atol=1e-6)
         assert torch.equal(w_again[0][k], w_again[1][k])
+
+
+def zero3_only(ds_run):
+    if ds_run.stage != 3:
+        pytest.skip("ZeRO-3 only")
+
+
+def test_zero3_export_equals_gathered_target(ds_run):
+    """target_encoder.safetensors (assembled from the shard files) and ``python -m fastjepa.zero
+    export-target`` both equal the target gathered from the ranks."""
+    from safetensors.torch import load_file
+
+    from fastjepa.zero import main as zero_main
+
+    zero3_only(ds_run)
+    gathered = {k[len("target."):]: v for k, v in rank_weights(ds_run.output)[0].items() if k.startswith("target.")}
+    exported = load_file(ds_run.output / "target_encoder.safetensors")
+    assert exported.keys() == gathered.keys()
+    for k in gathered:
+        assert torch.equal(exported[k], gathered[k]), k
+    out = ds_run.work / "export.safetensors"
+    assert zero_main(["export-target", str(ds_run.output / "checkpoints" / "deepspeed" / "step_00000010"), str(out)]) == 0
+    again = load_file(out)
+    assert all(torch.equal(again[k], gathered[k]) for k in gathered)
+    assert zero_main(["export-target", str(ds_run.work), str(out)]) == 2  # no shards there: a clear error
+
+
+def test_zero3_universal_checkpoint_resumes_on_one_rank(ds_run, helpers):
+    """2 ranks -> universal checkpoint -> 1 rank: the model, optimizer moments' owner and target come back
+    whole (compared with DeepSpeed's own fp32 consolidation and our shard assembly of the same tag)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from fastjepa.zero import consolidate_target, to_universal
+
+    zero3_only(ds_run)
+    one = ds_run.work / "one_rank"
+    shutil.copytree(ds_run.output, one, ignore=shutil.ignore_patterns("rank*_*"))
+    tag = one / "checkpoints" / "deepspeed" / "step_00000010"
+    universal = to_universal(tag)
+    assert (tag.parent / "latest_universal").read_text().strip() == universal.name
+    log = launch(helpers, ds_run.work, ds_run.config, one, "--resume", "deepspeed.load_universal=true",
+                 f"train.max_steps={STEPS}", world=1)
+    assert "at step 10" in log
+    weights = torch.load(one / "rank0_weights.pt", weights_only=True)
+    model_ref = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    for k, v in model_ref.items():
+        torch.testing.assert_close(weights["model." + k], v, rtol=0, atol=0, msg=k)
+    for k, v in consolidate_target(tag).items():
+        assert torch.equal(weights["target." + k], v), k
+
+
+# rank 1 kills itself (SIGKILL, no clean-up) in the middle of step 3, after the step-2 checkpoint
+KILL_RANK_MID_STEP = textwrap.dedent("""
+    import os, signal
+    import fastjepa.trainer as T
+
+    def ema_then_die(*a, _ema=T.ema_, **k):
+        import torch.distributed as dist
+        if dist.get_rank() == 1 and os.path.isdir(os.environ["FASTJEPA_KILL_AFTER"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _ema(*a, **k)
+
+    T.ema_ = ema_then_die
+""")
+
+
+def test_zero3_killed_rank_leaves_last_checkpoint_loadable(tmp_path, helpers, monkeypatch):
+    config = tiny_json(helpers, tmp_path, stage=3, accum=1)
+    output = tmp_path / "run"
+    monkeypatch.setenv("FASTJEPA_KILL_AFTER", str(output / "checkpoints" / "deepspeed" / "step_00000002"))
+    log = launch(helpers, tmp_path, config, output, "train.max_steps=6", prefix=KILL_RANK_MID_STEP, expect_rc=None)
+    folder = output / "checkpoints" / "deepspeed"
+    assert (folder / "latest").read_text().strip() == "step_00000002", log[-3000:]
+    monkeypatch.delenv("FASTJEPA_KILL_AFTER")
+    log = launch(helpers, tmp_path, config, output, "--resume", "train.max_steps=4")
+    assert "at step 2" in log
+    assert [r["step"] for r in helpers.read_metrics(output)][-2:] == [3, 4]
 
 
 # A real SIGTERM delivered to one rank only (rank 1 signals itself after its third step): every rank must
