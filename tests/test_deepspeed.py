@@ -112,11 +112,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_json(helpers, tmp: Path, stage: int, accum: int) -> Path:
+def tiny_json(helpers, tmp: Path, stage: int, accum: int, bf16: bool = False) -> Path:
     raw = helpers.tiny_config_dict(
         train={"max_steps": STEPS, "checkpoint_every": 2, "keep_checkpoints": 2, "grad_accum_steps": accum},
-        deepspeed={"enabled": "auto", "zero_stage": stage},
+        deepspeed={"enabled": "auto", "zero_stage": stage, "bf16": "on" if bf16 else "off"},
     )
+    if bf16:
+        raw["train"]["precision"] = "bf16"
     path = tmp / "tiny.json"
     path.write_text(json.dumps(raw))
     return path
@@ -135,21 +137,23 @@ def launch(helpers, workdir: Path, config: Path, output: Path, *extra: str, worl
     return proc.stdout + proc.stderr
 
 
-# stage 1 also accumulates 2 micro-batches per step
-STAGES = {0: 1, 1: 2, 2: 1, 3: 1}
+# name: (ZeRO stage, micro-batches per step, DeepSpeed bf16 mode); stage 1 also accumulates
+RUNS = {"zero0": (0, 1, False), "zero1": (1, 2, False), "zero2": (2, 1, False), "zero3": (3, 1, False),
+        "zero3-bf16": (3, 1, True)}
 
 
-@pytest.fixture(scope="module", params=sorted(STAGES), ids=lambda s: f"zero{s}")
+@pytest.fixture(scope="module", params=list(RUNS))
 def ds_run(request, tmp_path_factory, helpers):
-    """One 8-step run per ZeRO stage."""
+    """One 10-step run per configuration."""
     from types import SimpleNamespace
 
-    stage, accum = request.param, STAGES[request.param]
-    work = tmp_path_factory.mktemp(f"zero{stage}")
-    config = tiny_json(helpers, work, stage, accum)
+    stage, accum, bf16 = RUNS[request.param]
+    work = tmp_path_factory.mktemp(request.param)
+    config = tiny_json(helpers, work, stage, accum, bf16)
     output = work / "run"
     log = launch(helpers, work, config, output)
-    return SimpleNamespace(stage=stage, accum=accum, config=config, output=output, work=work, log=log)
+    return SimpleNamespace(name=request.param, stage=stage, accum=accum, bf16=bf16, config=config, output=output,
+                           work=work, log=log)
 
 
 def rank_weights(output: Path):
@@ -181,6 +185,8 @@ def test_first_step_matches_two_rank_reference(ds_run, helpers):
     from fastjepa.data.loader import build_batches
     from fastjepa.trainer import build_models
 
+    if ds_run.bf16:
+        pytest.skip("bf16 runs are checked against the replay with bf16 tolerances")
     cfg = load_config(ds_run.config)
     torch.manual_seed(cfg.train.seed)
     model, target = build_models(cfg)
@@ -252,11 +258,25 @@ def data_parallel_replay(config: Path, steps: int, world: int = WORLD):
 
 def test_matches_one_process_replay(ds_run, helpers):
     """2 ranks x batch b == one process over both ranks' batches, for all 10 steps: losses, weights, and
-    the EMA target (fp32 on both sides: only summation order differs)."""
+    the EMA target (fp32 on both sides: only summation order differs; DeepSpeed's bf16 mode against the
+    fp32 replay: within bf16 rounding, measured against how far training moved the weights)."""
+    from fastjepa.config import load_config
+    from fastjepa.trainer import build_models
+
     losses, model_state, target_state = data_parallel_replay(ds_run.config, STEPS)
     got = [r["loss"] for r in helpers.read_metrics(ds_run.output)]
-    assert got == pytest.approx(losses, rel=1e-5, abs=1e-7)
     weights = rank_weights(ds_run.output)[0]
+    if ds_run.bf16:
+        assert got == pytest.approx(losses, rel=1e-2)
+        torch.manual_seed(load_config(ds_run.config).train.seed)
+        init_model, init_target = build_models(load_config(ds_run.config))
+        for prefix, ref, init in (("model.", model_state, init_model.state_dict()),
+                                  ("target.", target_state, init_target.state_dict())):
+            err = sum((weights[prefix + k].float() - v).square().sum() for k, v in ref.items()).sqrt()
+            moved = sum((v - init[k]).square().sum() for k, v in ref.items()).sqrt()
+            assert err < 0.1 * moved, (prefix, float(err), float(moved))
+        return
+    assert got == pytest.approx(losses, rel=1e-5, abs=1e-7)
     for k, v in model_state.items():
         torch.testing.assert_close(weights["model." + k], v, rtol=1e-4, atol=1e-6, msg=k)
     for k, v in target_state.items():
@@ -274,7 +294,7 @@ def test_ema_issues_no_collective(ds_run):
 
 
 def test_checkpoints_are_pruned_and_resume_is_exact(ds_run, helpers):
-    if ds_run.stage < 2:
+    if ds_run.stage < 2 or ds_run.bf16:
         pytest.skip("resume is exercised on ZeRO-2 and ZeRO-3 (partitioned state) only, for time")
     folder = ds_run.output / "checkpoints" / "deepspeed"
     tags = sorted(p.name for p in folder.iterdir() if p.is_dir())
@@ -309,8 +329,8 @@ def test_checkpoints_are_pruned_and_resume_is_exact(ds_run, helpers):
 
 
 def zero3_only(ds_run):
-    if ds_run.stage != 3:
-        pytest.skip("ZeRO-3 only")
+    if ds_run.name != "zero3":
+        pytest.skip("ZeRO-3 (fp32) only, for time")
 
 
 def test_zero3_export_equals_gathered_target(ds_run):
