@@ -377,6 +377,51 @@ def test_zero3_universal_checkpoint_resumes_on_one_rank(ds_run, helpers):
         assert torch.equal(weights["target." + k], v), k
 
 
+# rank 0's micro-batch 4 (step 5) gets NaN images; every rank records its target slices' sum after each step
+NAN_ON_RANK0_STEP5 = textwrap.dedent("""
+    import json, os
+    import fastjepa.trainer as T
+
+    class NaNAtFour:
+        def __init__(self, inner, rank):
+            self.inner, self.rank, self.steps_per_epoch = inner, rank, inner.steps_per_epoch
+        def __len__(self):
+            return len(self.inner)
+        def __getitem__(self, key):
+            batch = self.inner[key]
+            if self.rank == 0 and key[0] * self.steps_per_epoch + key[1] == 4:
+                batch.images = batch.images * float("nan")
+            return batch
+
+    def build_batches(cfg, grid, rank=0, world_size=1, _build=T.build_batches):
+        return NaNAtFour(_build(cfg, grid, rank, world_size), rank)
+    T.build_batches = build_batches
+
+    def step_and_record(self, *a, _step=T.Trainer.train_step, **k):
+        out = _step(self, *a, **k)
+        sums = getattr(self, "_sums", [])
+        sums.append(sum(float(t.double().sum()) for t in self.target_params))
+        self._sums = sums
+        with open(os.path.join(str(self.output_dir), f"rank{self.rank}_target_sums.json"), "w") as f:
+            json.dump(sums, f)
+        return out
+    T.Trainer.train_step = step_and_record
+""")
+
+
+def test_zero3_skipped_step_skips_the_ema_on_every_rank(tmp_path, helpers):
+    """A non-finite loss on one rank: every rank skips the optimizer step and the EMA of its own slices."""
+    config = tiny_json(helpers, tmp_path, stage=3, accum=1)
+    output = tmp_path / "run"
+    launch(helpers, tmp_path, config, output, "train.max_steps=7", prefix=NAN_ON_RANK0_STEP5)
+    records = helpers.read_metrics(output)
+    assert [r["skipped_steps"] for r in records] == [0, 0, 0, 0, 1, 1, 1]
+    for rank in range(WORLD):
+        sums = json.loads((output / f"rank{rank}_target_sums.json").read_text())
+        assert sums[4] == sums[3], (rank, sums)  # step 5: the target slices did not move
+        assert sums[5] != sums[4] and sums[3] != sums[2], (rank, sums)  # the steps around it did
+
+
 # rank 1 kills itself (SIGKILL, no clean-up) in the middle of step 3, after the step-2 checkpoint
 KILL_RANK_MID_STEP = textwrap.dedent("""
     import os, signal
