@@ -20,7 +20,10 @@ setup(
         "triton": ["triton>=3.4"],
         "deepspeed": ["deepspeed>=0.19"],
         "tensorboard": ["tensorboard"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "deepspeed>=0.19"],
+        # NVIDIA DALI for data.loader=dali: the CUDA 12 build (nvidia-dali-cuda130 for CUDA 13 drivers);
+        # its CPU pipelines need no GPU
+        "dali": ["nvidia-dali-cuda120>=1.40"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "deepspeed>=0.19", "nvidia-dali-cuda120>=1.40"],
     },
     entry_points={"console_scripts": ["fastjepa-train=fastjepa.trainer:main"]},
 )

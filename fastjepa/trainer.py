@@ -30,6 +30,7 @@ from fastjepa_kernels import ema_, jepa_target_loss
 from . import schedules
 from .checkpoint import export_safetensors, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, load_config
+from .data.dali import DaliBatches, choose_loader, dali_problem
 from .data.loader import DataError, build_batches, build_loader
 from .flops import step_flops
 from .metrics import MetricsLogger
@@ -110,15 +111,44 @@ class Trainer:
         self.total_steps = cfg.train.max_steps
         self.step = 0  # optimizer steps done
         self.saved_step, self.saved_tag_dir = None, None  # the newest checkpoint written or loaded
+        self._data_state = None  # the resumed checkpoint's DALI states
         self.skipped_images = 0
         self.skipped_steps = torch.zeros((), device=self.device)  # device counters: read when logging
         self.nonfinite_run = torch.zeros((), device=self.device)
         self.stop_signal = None
         if resume:
             self._resume()
-        self.batches = build_batches(cfg, self.model.encoder.grid, self.rank, self.world_size)
+        self.loader_kind = choose_loader(cfg)
+        if self.is_main:
+            print(f"fastjepa: data loader: {self._loader_line()}", file=sys.stderr)
+        # random access by (epoch, step): the torch loader's dataset (benchmarks and tests read it too)
+        self.batches = None if self.loader_kind == "dali" else build_batches(
+            cfg, self.model.encoder.grid, self.rank, self.world_size)
+        self.dali = None
+        if self.loader_kind == "dali":
+            self.dali = DaliBatches(cfg, self.model.encoder.grid, self.rank, self.world_size, self.device,
+                                    state=self._dali_resume_state())
 
     # ---- set-up ---------------------------------------------------------------------------------
+    def _loader_line(self) -> str:
+        if self.loader_kind == "dali":
+            where = "GPU (nvImageCodec)" if self.device.type == "cuda" else "CPU"
+            return f"NVIDIA DALI, decoding on the {where}"
+        why = dali_problem(self.cfg) if self.cfg.data.loader == "auto" else None
+        return "torch DataLoader" + (f" ({why})" if why else "")
+
+    def _dali_resume_state(self):
+        """This rank's saved DALI pipeline state, if the resumed checkpoint has one for this world size."""
+        saved = self._data_state
+        if not saved:
+            return None
+        if len(saved) != self.world_size:
+            if self.is_main:
+                print(f"fastjepa: the checkpoint's DALI state is for {len(saved)} ranks, not {self.world_size}: "
+                      "the data order restarts (masks and step count continue)", file=sys.stderr)
+            return None
+        return saved[self.rank]
+
     def _pick_device(self, local_rank) -> torch.device:
         want = self.cfg.train.device
         if want == "cuda" and not torch.cuda.is_available():
@@ -237,8 +267,20 @@ class Trainer:
             "skipped_steps": self.skipped_steps.cpu(),
             "nonfinite_run": self.nonfinite_run.cpu(),
             "torch_rng": torch.get_rng_state(),
+            "data": self._data_states(),  # DALI pipeline state of every rank (None: the torch loader)
             "config": self.cfg.to_dict(),
         }
+
+    def _data_states(self):
+        """Every rank's DALI pipeline state, in rank order (collective under DeepSpeed, like save())."""
+        if self.dali is None:
+            return None
+        mine = self.dali.state_dict()
+        if self.engine is None:
+            return [mine]
+        states = [None] * self.world_size
+        torch.distributed.all_gather_object(states, mine)
+        return states
 
     def _global_skipped_images(self) -> int:
         """Unreadable images skipped so far, summed over ranks (each rank counts its own)."""
@@ -305,6 +347,7 @@ class Trainer:
         if not self.zero3:
             self.target.load_state_dict(state["target"])
         self.step = self.saved_step = int(state["step"])
+        self._data_state = state.get("data")
         # the saved count is the sum over ranks: rank 0 carries it on, so sums stay right on any world size
         self.skipped_images = int(state["skipped_images"]) if self.is_main else 0
         self.skipped_steps.copy_(state["skipped_steps"])
@@ -340,8 +383,11 @@ class Trainer:
             (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
         previous = signal.signal(signal.SIGTERM, self._on_signal)
         accum = t.grad_accum_steps
-        loader = build_loader(self.batches, self.step * accum, t.max_steps * accum, self.cfg.data.num_workers,
-                              pin_memory=self.device.type == "cuda")
+        if self.dali is not None:
+            loader = self.dali.iterate(self.step * accum, t.max_steps * accum)
+        else:
+            loader = build_loader(self.batches, self.step * accum, t.max_steps * accum,
+                                  self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         batches = iter(loader)
         logger = MetricsLogger(self.output_dir, t.max_steps, self.step, enabled=self.is_main,
                                progress=t.progress, tensorboard=t.tensorboard)

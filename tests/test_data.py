@@ -243,7 +243,8 @@ def test_trainer_counts_skipped_images(tmp_path, tiny, image_tree, helpers):
     _add_bad_files(image_tree, helpers)
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         code = main(["--output-dir", str(tmp_path / "run")] + tiny
-                    + ["data.dataset=folder", f"data.root={image_tree}", "train.max_steps=4"])
+                    + ["data.dataset=folder", f"data.root={image_tree}", "train.max_steps=4",
+                       "data.loader=torch"])  # the DALI loader's version: tests/test_dali.py
     assert code == 0
     records = helpers.read_metrics(tmp_path / "run")
     assert records[1]["skipped_images"] == 2 and records[-1]["skipped_images"] == 4  # 2 per epoch
@@ -259,7 +260,7 @@ def test_folder_of_only_unreadable_files_stops_cleanly(tmp_path, tiny, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         code = main(["--output-dir", str(tmp_path / "run")] + tiny
-                    + ["data.dataset=folder", f"data.root={root}", "train.max_steps=2"])
+                    + ["data.dataset=folder", f"data.root={root}", "train.max_steps=2", "data.loader=torch"])
     err = capsys.readouterr().err
     assert code == 4
     assert "unreadable images in a row" in err and str(root) in err and "Traceback" not in err

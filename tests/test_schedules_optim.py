@@ -213,7 +213,7 @@ def test_overrides_parse_json():
     ("mask.target_scale=[0.3, 0.2]", "target_scale"),
     ("model.arch=\"hughe\"", "arch"),
     ("optim.ema_momentum=[0.9, 1.2]", "ema_momentum"),
-    ("deepspeed.zero_stage=3", "zero_stage"),
+    ("deepspeed.zero_stage=4", "zero_stage"),
     ("train.precision=fp16", "precision"),
     ("model.img_size=225", "model"),
 ])

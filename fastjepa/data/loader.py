@@ -104,8 +104,7 @@ def _worker_init(_):
 
 
 def build_batches(cfg, grid, rank: int = 0, world_size: int = 1) -> JEPABatches:
-    if cfg.data.loader == "dali":
-        raise ValueError("data.loader='dali' is not available in this build; use data.loader=torch or auto")
+    """The torch loader's dataset: random access by (epoch, step) (DALI's batches: fastjepa.data.dali)."""
     source = build_source(cfg.data, cfg.model.img_size, "train")
     transform = ImageTransform(cfg.model.img_size, cfg.model.in_chans, cfg.data.crop_scale)
     masks = MaskSampler(cfg.mask, grid)
