@@ -25,5 +25,5 @@ setup(
         "dali": ["nvidia-dali-cuda120>=1.40"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "deepspeed>=0.19", "nvidia-dali-cuda120>=1.40"],
     },
-    entry_points={"console_scripts": ["fastjepa-train=fastjepa.trainer:main"]},
+    entry_points={"console_scripts": ["fastjepa-train=fastjepa.trainer:main", "fastjepa-convert=fastjepa.convert:main"]},
 )
