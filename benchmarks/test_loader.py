@@ -6,7 +6,7 @@ for a 16 x 16 grid), with the same number of CPU cores: torch with ``cores`` Dat
 with ``cores`` threads (CPU decoding) or nvImageCodec on the GPU (``mixed``). Reported: images/s, images/s
 per core, and the ratio to the ViT-H/14 step's consumption goal (~500 images/s on one H100, issue 5).
 
-``FASTJEPA_BENCH_LOADER_IMAGES`` sets the folder size (default 256 on CPU, 2048 on CUDA).
+``FASTJEPA_BENCH_LOADER_IMAGES`` sets the folder size (default 768 on CPU, 2048 on CUDA).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from fastjepa.data.loader import build_batches, build_loader  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 CORES = int(os.environ.get("FASTJEPA_BENCH_LOADER_CORES", os.cpu_count() or 1))
-IMAGES = int(os.environ.get("FASTJEPA_BENCH_LOADER_IMAGES", 2048 if CUDA else 256))
+IMAGES = int(os.environ.get("FASTJEPA_BENCH_LOADER_IMAGES", 2048 if CUDA else 768))
 BATCH = 32
 VITH_STEP_IMAGES_PER_S = 500.0  # issue 5: the ViT-H/14 step's consumption at our goal on one H100
 
