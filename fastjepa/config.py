@@ -108,6 +108,10 @@ class OptimConfig(_Section):
 
 class TrainConfig(_Section):
     max_steps: int = 187_500
+    # the step count the lr, weight-decay and EMA schedules span (None: max_steps). Larger than
+    # max_steps runs the first steps of a longer run's schedule: the official recipe's ipe_scale 1.25
+    # is schedule_steps = 1.25 x max_steps; a short test can stop early on the demo's own schedule.
+    schedule_steps: Optional[int] = None
     batch_size: int = 128  # per rank, per micro-step
     grad_accum_steps: int = 1
     log_every: int = 10
@@ -129,6 +133,8 @@ class TrainConfig(_Section):
         for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1")
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ValueError("train.schedule_steps must be >= 1 (or null for train.max_steps)")
         return self
 
 

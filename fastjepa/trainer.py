@@ -108,7 +108,7 @@ class Trainer:
 
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if cfg.train.precision == "bf16" else nullcontext())
-        self.total_steps = cfg.train.max_steps
+        self.total_steps = cfg.train.schedule_steps or cfg.train.max_steps  # what the schedules span
         self.step = 0  # optimizer steps done
         self.saved_step, self.saved_tag_dir = None, None  # the newest checkpoint written or loaded
         self._data_state = None  # the resumed checkpoint's DALI states

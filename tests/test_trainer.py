@@ -159,6 +159,22 @@ def test_metrics_config_and_target_export(tmp_path, tiny):
     assert out.shape == (2, 16, 32) and torch.isfinite(out).all()
 
 
+def test_schedule_steps_stops_early_on_a_longer_runs_schedule(tmp_path, tiny):
+    """max_steps=3 with schedule_steps=6 is the first half of a 6-step run: the same lr, wd, momentum
+    and losses step by step; without schedule_steps the 3-step run anneals on its own, shorter schedule."""
+    base = tiny + ["optim.warmup_steps=1", "train.log_every=1"]
+    keys = ("lr", "wd", "momentum", "loss")
+    assert main(["--output-dir", str(tmp_path / "long")] + base + ["train.max_steps=6"]) == 0
+    assert main(["--output-dir", str(tmp_path / "early")] + base + ["train.max_steps=3", "train.schedule_steps=6"]) == 0
+    assert main(["--output-dir", str(tmp_path / "short")] + base + ["train.max_steps=3"]) == 0
+    long, early, short = (read_metrics(tmp_path / name) for name in ("long", "early", "short"))
+    assert len(early) == 3
+    for a, b in zip(long, early):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    assert short[-1]["lr"] < early[-1]["lr"] and short[-1]["momentum"] > early[-1]["momentum"]
+
+
 # ---- non-finite steps ---------------------------------------------------------------------------
 
 def test_nonfinite_step_is_skipped(tmp_path, tiny):
