@@ -14,7 +14,9 @@ then check:
   step-8 tag reproduces steps 9-10 and the final weights of the uninterrupted run;
 - stage 3: the exported target encoder (assembled from the per-rank shard files) equals the gathered
   target; a universal checkpoint resumes on 1 rank with the same weights; a rank killed mid-step leaves
-  the last checkpoint loadable.
+  the last checkpoint loadable;
+- the DALI loader on 2 ranks (ZeRO-2): the ranks share out every file of an epoch, and a resumed run
+  gets each rank's pipeline state back (same files, same losses).
 Deselect with ``-m "not deepspeed"``. The first launch on a machine also JIT-builds DeepSpeed's CPU
 shared-memory op (~1 min, cached in ~/.cache/torch_extensions).
 """
@@ -485,3 +487,73 @@ def test_sigterm_on_one_rank_stops_all_ranks_at_one_step(tmp_path, helpers):
     assert helpers.read_metrics(output)[-1]["step"] == stopped
     w0, w1 = rank_weights(output)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # both ranks stopped after the same step
+
+
+# Prepended to WRAPPER: every DALI batch's labels, per rank, appended to OUT/rank{r}_labels.jsonl
+RECORD_DALI_LABELS = textwrap.dedent("""
+    import json as _json, os as _os, sys as _sys
+    import fastjepa.data.dali as _dali
+
+    def _iterate(self, start, stop, _iterate=_dali.DaliBatches.iterate):
+        out = _sys.argv[_sys.argv.index("--output-dir") + 1]
+        path = _os.path.join(out, "rank%s_labels.jsonl" % _os.environ["RANK"])
+        for micro, batch in enumerate(_iterate(self, start, stop), start):
+            with open(path, "a") as f:
+                f.write(_json.dumps({"micro": micro, "labels": batch.labels.tolist()}) + "\\n")
+            yield batch
+    _dali.DaliBatches.iterate = _iterate
+""")
+
+
+def test_dali_loader_under_deepspeed_shards_by_rank_and_resumes_exactly(tmp_path, helpers):
+    """DALI (CPU pipelines) on 2 gloo ranks, ZeRO-2: over an epoch the ranks see every file once between
+    them; the ranks end with identical weights; a run resumed at step 3 (each rank's DALI state comes
+    back from the all-gathered checkpoint) repeats steps 4-6 of the uninterrupted run: the same files on
+    each rank and the same losses."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120)")
+    root = tmp_path / "tree"
+    for i in range(16):  # one image per class folder: a batch's labels name its files
+        helpers.make_image(root / f"c{i:02d}" / f"img.{'png' if i % 3 == 0 else 'jpg'}", (24 + i, 20 + i), "RGB", seed=i)
+    raw = helpers.tiny_config_dict(
+        data={"dataset": "folder", "root": str(root), "loader": "dali", "num_workers": 1},
+        train={"max_steps": 6, "batch_size": 2, "checkpoint_every": 3, "keep_checkpoints": 2},
+        deepspeed={"enabled": "auto", "zero_stage": 2, "bf16": "off"})
+    config = tmp_path / "dali.json"
+    config.write_text(json.dumps(raw))
+    full = tmp_path / "full"
+    log = launch(helpers, tmp_path, config, full, prefix=RECORD_DALI_LABELS)
+    assert "NVIDIA DALI" in log
+
+    def labels(output):
+        return [{r["micro"]: r["labels"] for r in map(json.loads, (output / f"rank{k}_labels.jsonl").read_text().splitlines())}
+                for k in range(WORLD)]
+
+    seen = labels(full)
+    steps_per_epoch = 16 // (WORLD * 2)
+    epoch0 = [x for rank in seen for m in range(steps_per_epoch) for x in rank[m]]
+    assert sorted(epoch0) == list(range(16)), seen
+    w = rank_weights(full)
+    for k in w[0]:
+        assert torch.equal(w[0][k], w[1][k]), k
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    folder = resumed / "checkpoints" / "deepspeed"
+    shutil.rmtree(folder / "step_00000006")
+    (folder / "latest").write_text("step_00000003")
+    (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in (full / "metrics.jsonl").read_text().splitlines()[:3]))
+    for k in range(WORLD):
+        (resumed / f"rank{k}_labels.jsonl").unlink()
+        (resumed / f"rank{k}_weights.pt").unlink()
+    log = launch(helpers, tmp_path, config, resumed, "--resume", prefix=RECORD_DALI_LABELS)
+    assert "at step 3" in log
+    again = labels(resumed)
+    for k in range(WORLD):
+        assert sorted(again[k]) == [3, 4, 5] and all(again[k][m] == seen[k][m] for m in (3, 4, 5)), (k, again[k], seen[k])
+    want, got = helpers.read_metrics(full), helpers.read_metrics(resumed)
+    assert [r["step"] for r in got] == list(range(1, 7))
+    for a, b in zip(want[3:], got[3:]):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6), a["step"]
+    w_again = rank_weights(resumed)
+    for k in w[0]:
+        torch.testing.assert_close(w_again[0][k], w[0][k], rtol=0, atol=1e-6)
