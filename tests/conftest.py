@@ -99,6 +99,15 @@ def make_image_tree(root: Path, per_class: int = 8, classes=("cat", "dog")) -> l
     return files
 
 
+def one_file_per_class(root: Path, count: int = 16) -> Path:
+    """``count`` class folders of one image each (JPEG and PNG, RGB and grayscale): a batch's labels
+    name its files. Returns ``root``."""
+    for i in range(count):
+        ext = "png" if i % 3 == 0 else "jpg"
+        make_image(root / f"c{i:02d}" / f"img.{ext}", (40 + 3 * i, 30 + 2 * i), "RGB" if i % 4 else "L", seed=i)
+    return root
+
+
 @pytest.fixture
 def tiny():
     """The tiny override list (a copy: tests append to it)."""
@@ -128,5 +137,5 @@ def helpers():
     return types.SimpleNamespace(
         TINY=list(TINY), REPO=REPO, TRAIN_SCRIPT=TRAIN_SCRIPT, tiny_config_dict=tiny_config_dict,
         subprocess_env=subprocess_env, read_metrics=read_metrics, make_image=make_image,
-        make_image_tree=make_image_tree, nan_empty=nan_empty,
+        make_image_tree=make_image_tree, one_file_per_class=one_file_per_class, nan_empty=nan_empty,
     )

@@ -24,14 +24,6 @@ def folder_config(helpers, root, *extra):
         "data.dataset=folder", f"data.root={root}", "data.loader=dali", "data.num_workers=1", *extra])
 
 
-def one_file_per_class(helpers, root, count=16):
-    """``count`` class folders of one image each: a batch's labels name its files."""
-    for i in range(count):
-        ext = "png" if i % 3 == 0 else "jpg"
-        helpers.make_image(root / f"c{i:02d}" / f"img.{ext}", (40 + 3 * i, 30 + 2 * i), "RGB" if i % 4 else "L", seed=i)
-    return root
-
-
 def test_batches_match_the_torch_loader_in_shape_and_statistics(helpers, tmp_path):
     root = tmp_path / "tree"
     helpers.make_image_tree(root, per_class=16)
@@ -59,7 +51,7 @@ def test_grayscale_models_get_one_channel(helpers, tmp_path):
 
 
 def test_every_file_once_per_epoch_over_two_shards(helpers, tmp_path):
-    root = one_file_per_class(helpers, tmp_path / "tree", 16)
+    root = helpers.one_file_per_class(tmp_path / "tree", 16)
     cfg = folder_config(helpers, root, "train.batch_size=4")
     shards = [DaliBatches(cfg, GRID, rank, 2) for rank in range(2)]
     assert [s.steps_per_epoch for s in shards] == [2, 2]
@@ -139,7 +131,7 @@ def test_bad_files_are_decoded_or_skipped_and_counted(helpers, tmp_path):
 
 def test_a_batch_that_fails_to_decode_is_dropped_and_counted(helpers, tmp_path, monkeypatch):
     """A file that passes the cheap checks but still cannot be decoded (a JPEG whose middle is garbage)."""
-    root = one_file_per_class(helpers, tmp_path / "tree", 8)
+    root = helpers.one_file_per_class(tmp_path / "tree", 8)
     target = next(root.glob("c01/*.jpg"))
     data = bytearray(target.read_bytes())
     data[20:-2] = b"\x00" * (len(data) - 22)  # header and end marker kept, entropy data destroyed

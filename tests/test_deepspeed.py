@@ -158,6 +158,20 @@ def ds_run(request, tmp_path_factory, helpers):
                            work=work, log=log)
 
 
+def rewound_copy(output: Path, dest: Path, step: int, last: int) -> Path:
+    """A copy of a finished run as it was after ``step``: the tag of step ``last`` gone, ``latest`` at
+    ``step``, metrics up to ``step``, the test wrapper's per-rank dumps removed."""
+    shutil.copytree(output, dest)
+    folder = dest / "checkpoints" / "deepspeed"
+    shutil.rmtree(folder / f"step_{last:08d}")
+    (folder / "latest").write_text(f"step_{step:08d}")
+    lines = (dest / "metrics.jsonl").read_text().splitlines()[:step]
+    (dest / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    for dump in dest.glob("rank*_*"):
+        dump.unlink()
+    return dest
+
+
 def rank_weights(output: Path):
     return [torch.load(output / f"rank{r}_weights.pt", weights_only=True) for r in range(WORLD)]
 
@@ -307,15 +321,7 @@ def test_checkpoints_are_pruned_and_resume_is_exact(ds_run, helpers):
         assert sorted(p.name for p in (folder / "step_00000008").glob("fastjepa_target_*")) == [
             "fastjepa_target_rank00000_of_00002.safetensors", "fastjepa_target_rank00001_of_00002.safetensors"]
 
-    # the run as it was after step 8: tag 10 gone, latest -> 8, metrics up to 8
-    resumed = ds_run.work / "resumed"
-    shutil.copytree(ds_run.output, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "deepspeed" / "step_00000010")
-    (resumed / "checkpoints" / "deepspeed" / "latest").write_text("step_00000008")
-    lines = (resumed / "metrics.jsonl").read_text().splitlines()[:8]
-    (resumed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    for r in range(WORLD):
-        (resumed / f"rank{r}_weights.pt").unlink()
+    resumed = rewound_copy(ds_run.output, ds_run.work / "resumed", 8, STEPS)
 
     log = launch(helpers, ds_run.work, ds_run.config, resumed, "--resume")
     assert "at step 8" in log
@@ -511,9 +517,7 @@ def test_dali_loader_under_deepspeed_shards_by_rank_and_resumes_exactly(tmp_path
     back from the all-gathered checkpoint) repeats steps 4-6 of the uninterrupted run: the same files on
     each rank and the same losses."""
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120)")
-    root = tmp_path / "tree"
-    for i in range(16):  # one image per class folder: a batch's labels name its files
-        helpers.make_image(root / f"c{i:02d}" / f"img.{'png' if i % 3 == 0 else 'jpg'}", (24 + i, 20 + i), "RGB", seed=i)
+    root = helpers.one_file_per_class(tmp_path / "tree", 16)
     raw = helpers.tiny_config_dict(
         data={"dataset": "folder", "root": str(root), "loader": "dali", "num_workers": 1},
         train={"max_steps": 6, "batch_size": 2, "checkpoint_every": 3, "keep_checkpoints": 2},
@@ -536,15 +540,7 @@ def test_dali_loader_under_deepspeed_shards_by_rank_and_resumes_exactly(tmp_path
     for k in w[0]:
         assert torch.equal(w[0][k], w[1][k]), k
 
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    folder = resumed / "checkpoints" / "deepspeed"
-    shutil.rmtree(folder / "step_00000006")
-    (folder / "latest").write_text("step_00000003")
-    (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in (full / "metrics.jsonl").read_text().splitlines()[:3]))
-    for k in range(WORLD):
-        (resumed / f"rank{k}_labels.jsonl").unlink()
-        (resumed / f"rank{k}_weights.pt").unlink()
+    resumed = rewound_copy(full, tmp_path / "resumed", 3, 6)
     log = launch(helpers, tmp_path, config, resumed, "--resume", prefix=RECORD_DALI_LABELS)
     assert "at step 3" in log
     again = labels(resumed)
