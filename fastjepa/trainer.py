@@ -165,6 +165,9 @@ class Trainer:
         backend = "nccl" if torch.cuda.is_available() and self.cfg.train.device != "cpu" else "gloo"
         deepspeed.init_distributed(dist_backend=backend)
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if backend == "gloo":
+            torch.distributed.barrier()  # every rank has mapped its peers' shared-memory buffers
+            release_shm_buffer_name(self.rank)
 
     def _init_engine(self) -> None:
         import deepspeed
@@ -476,6 +479,22 @@ class Trainer:
             logger.close()
             signal.signal(signal.SIGTERM, previous)
         return exit_code
+
+
+def release_shm_buffer_name(rank: int) -> None:
+    """Unlink this rank's ``/dev/shm`` all-reduce buffer of DeepSpeed's CPU backend.
+
+    DeepSpeed (``ops/csrc/cpu/comm/shm.cpp``) creates one file per rank, named after the uid,
+    MASTER_ADDR, MASTER_PORT and rank, and never unlinks it: each CPU run leaves tens of MB per rank
+    in /dev/shm until it fills. Once every rank has mapped its peers' files (the caller's barrier) the
+    names can go; the memory stays mapped until the last rank exits, and a killed run leaves nothing.
+    """
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{rank}")
+    try:
+        os.unlink(name)
+    except FileNotFoundError:  # not all ranks on this node: DeepSpeed made no buffer
+        pass
 
 
 def parse_args(argv=None):

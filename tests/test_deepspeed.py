@@ -10,6 +10,7 @@ then check:
 - all 10 steps match a one-process replay of the data-parallel run (both ranks' micro-batches, averaged
   gradients, AdamW, a ``torch._foreach_lerp_`` EMA in fp32): losses, final weights and target encoder;
 - the EMA issues no collective on any rank (while the step around it issues many);
+- no run leaves DeepSpeed's CPU all-reduce buffers behind in /dev/shm;
 - stage 2 and 3: DeepSpeed checkpoints keep only ``keep_checkpoints`` tags, and ``--resume`` from the
   step-8 tag reproduces steps 9-10 and the final weights of the uninterrupted run;
 - stage 3: the exported target encoder (assembled from the per-rank shard files) equals the gathered
@@ -153,9 +154,20 @@ def ds_run(request, tmp_path_factory, helpers):
     work = tmp_path_factory.mktemp(request.param)
     config = tiny_json(helpers, work, stage, accum, bf16)
     output = work / "run"
+    before = shm_buffers()
     log = launch(helpers, work, config, output)
     return SimpleNamespace(name=request.param, stage=stage, accum=accum, bf16=bf16, config=config, output=output,
-                           work=work, log=log)
+                           work=work, log=log, leaked_shm=shm_buffers() - before)
+
+
+def shm_buffers() -> set:
+    """The /dev/shm all-reduce buffers of DeepSpeed's CPU backend that exist now."""
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
+def test_no_shared_memory_left_behind(ds_run):
+    """The trainer unlinks DeepSpeed's per-rank /dev/shm buffers (DeepSpeed itself never does)."""
+    assert not ds_run.leaked_shm, sorted(ds_run.leaked_shm)
 
 
 def rewound_copy(output: Path, dest: Path, step: int, last: int) -> Path:
