@@ -15,19 +15,18 @@
 #   carry: wheels/ (pydantic for the trainer's config: scripts/fetch_device_wheels.sh)
 #
 # The GPU machine has torch, triton, timm, pytest, pytest-benchmark, pytest-xdist and pytest-timeout but
-# not this package and no network: the package goes on the path with a symlink (fastjepa_kernels ->
-# kernels/), carried wheels are unpacked into a temporary folder on the path.
+# not this package and no network: src/ goes on the path, carried wheels are unpacked into a temporary
+# folder on the path.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/latest}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 shim=$(mktemp -d)
-ln -s "$PWD/kernels" "$shim/fastjepa_kernels"
 if [ -d wheels ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$shim" wheels/*.whl 2>&1 | tail -2 || true
 fi
-export PYTHONPATH="$shim:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$shim:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 started=$(date +%s)
 # SIGINT first: pytest stops, still writes its summary and the benchmark JSON
 stop_after() { timeout -s INT -k 20 "$@"; }

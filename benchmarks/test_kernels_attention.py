@@ -190,14 +190,14 @@ def make_runner(provider: str, case: Case, mode: str):
     raise ValueError(provider)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_output(shape: str, device_type: str):
     case = get_case(shape, device_type)
     with torch.no_grad():
         return varlen_attention(*case.qkv.unbind(1), case.cu_seqlens, case.max_seqlen, backend="sdpa").float()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_case(shape: str, device_type: str) -> Case:
     return Case(shape, torch.device(device_type), torch.bfloat16 if device_type == "cuda" else torch.float32)
 

@@ -10,7 +10,6 @@ On CPU only the reference path runs, at small sizes; the Triton path and the big
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 

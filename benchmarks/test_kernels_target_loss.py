@@ -9,7 +9,6 @@ timed on the same device. On CPU only the reference runs, at a small size.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -21,7 +21,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = REPO / "fastjepa" / "train.py"
+TRAIN_SCRIPT = REPO / "src" / "fastjepa" / "train.py"
+CONFIGS = REPO / "src" / "fastjepa" / "configs"
 
 torch.set_num_threads(1)
 
@@ -53,7 +54,7 @@ def subprocess_env(**extra) -> dict:
     """Environment for child Python processes: one thread each, the repo importable."""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")])))
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -122,12 +123,6 @@ def image_tree(tmp_path):
     return root
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "deepspeed: launches DeepSpeed with 2 CPU ranks (slow; deselect with -m 'not deepspeed')")
-    config.addinivalue_line("markers", "subprocess: starts a child Python process")
-    config.addinivalue_line("markers", "demo: a short Fashion-MNIST pretraining run and linear probe (~2-3 min)")
-
-
 # The helpers reach the test modules as fixtures (never ``import conftest``: benchmarks/ has its own).
 @pytest.fixture(scope="session")
 def helpers():
@@ -135,7 +130,7 @@ def helpers():
     import types
 
     return types.SimpleNamespace(
-        TINY=list(TINY), REPO=REPO, TRAIN_SCRIPT=TRAIN_SCRIPT, tiny_config_dict=tiny_config_dict,
+        TINY=list(TINY), REPO=REPO, CONFIGS=CONFIGS, TRAIN_SCRIPT=TRAIN_SCRIPT, tiny_config_dict=tiny_config_dict,
         subprocess_env=subprocess_env, read_metrics=read_metrics, make_image=make_image,
         make_image_tree=make_image_tree, one_file_per_class=one_file_per_class, nan_empty=nan_empty,
     )

@@ -11,8 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastjepa.checkpoint import (CHECKPOINT_RE, checkpoint_path, export_safetensors, latest_checkpoint,
-                                 list_checkpoints, load_checkpoint, save_checkpoint)
+from fastjepa.checkpoint import (
+    CHECKPOINT_RE,
+    checkpoint_path,
+    export_safetensors,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fastjepa.trainer import main
 
 # The child saves checkpoint 1 normally, then makes the writer slow (half the bytes, then a long sleep)

@@ -314,9 +314,9 @@ def test_official_to_fastjepa_to_timm_same_features(converted, tmp_path, timm, c
 
 def test_converted_predictor_matches_official(converted):
     from fastjepa.checkpoint import latest_checkpoint, load_checkpoint
+    from fastjepa.config import build_config
     from fastjepa.masks import pack_masks
     from fastjepa.trainer import build_models
-    from fastjepa.config import build_config
 
     ckpt, _, out, _ = converted
     state = load_checkpoint(latest_checkpoint(out / "checkpoints"))

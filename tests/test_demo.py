@@ -44,7 +44,7 @@ def test_short_demo_run_beats_random_init(tmp_path, helpers, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the demo's own setting; conftest pins tests to one thread
     try:
-        code = main(["--config", str(helpers.REPO / "configs" / "demo.json"), "--output-dir", str(tmp_path),
+        code = main(["--config", str(helpers.CONFIGS / "demo.json"), "--output-dir", str(tmp_path),
                      f"train.max_steps={STEPS}", f"train.schedule_steps={SCHEDULE_STEPS}", "train.progress=off",
                      "train.tensorboard=false", "train.checkpoint_every=1000", "data.num_workers=0"])
         assert code == 0

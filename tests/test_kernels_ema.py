@@ -221,13 +221,13 @@ def test_errors():
     if DEVICE == "cpu":
         import fastjepa_kernels.ema as module
 
-        orig = module._interpreting
-        module._interpreting = lambda: False
+        orig = module.interpreting
+        module.interpreting = lambda: False
         try:
             with pytest.raises(RuntimeError):
                 ema_(t, s, 0.9, backend="triton")
         finally:
-            module._interpreting = orig
+            module.interpreting = orig
 
 
 def test_aot_specs_cover_the_launcher():

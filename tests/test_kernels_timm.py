@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastjepa_kernels.timm_vit import VarlenAttention, _packed_drop_path, forward_packed, pack_tokens, patch_vit
+from fastjepa_kernels.timm_vit import VarlenAttention, _packed_drop_path, forward_packed, patch_vit
 
 torch.set_num_threads(1)
 device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fastjepa.config import MaskConfig
-from fastjepa.masks import MaskSampler, pack_masks
+from fastjepa.masks import MaskSampler, PackedMasks, pack_masks
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
@@ -92,7 +92,7 @@ class ScriptedRng:
         return self.real.integers(*args, **kwargs)
 
 
-def unpack(pm: "PackedMasks", num_targets):
+def unpack(pm: PackedMasks, num_targets):
     """Naive per-image views of a PackedMasks (local ids)."""
     n = pm.num_patches
     ctx_cu = pm.ctx_cu_seqlens.tolist()

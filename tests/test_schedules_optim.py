@@ -256,7 +256,7 @@ def test_defaults_are_the_official_recipe():
     assert tuple(c.data.crop_scale) == (0.3, 1.0) and c.train.batch_size == 128
 
 
-CONFIG_FILES = sorted((REPO / "configs").glob("*.json"))
+CONFIG_FILES = sorted((REPO / "src" / "fastjepa" / "configs").glob("*.json"))
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
@@ -286,7 +286,7 @@ def test_underscore_keys_are_comments_but_typos_are_not():
 
 def test_vith14_config_is_the_official_recipe():
     """configs/vith14.json vs in1k_vith14_ep300.yaml: 300 epochs, 40 warmup, batch 128 x 16 GPUs."""
-    path = REPO / "configs" / "vith14.json"
+    path = REPO / "src" / "fastjepa" / "configs" / "vith14.json"
     cfg = load_config(path)
     ipe = 1_281_167 // (128 * 16)  # the official loader drops the last partial batch
     assert ipe == 625

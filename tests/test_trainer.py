@@ -352,7 +352,7 @@ def _wd_per_param(trainer, wd):
 def test_sigterm_checkpoints_and_exits_zero(tmp_path, tiny, helpers, capsys):
     out = tmp_path / "run"
     args = tiny + ["train.max_steps=100000", "data.num_workers=1"]
-    proc = subprocess.Popen([sys.executable, str(helpers.TRAIN_SCRIPT), "--output-dir", str(out)] + args,
+    proc = subprocess.Popen([sys.executable, "-m", "fastjepa.train", "--output-dir", str(out)] + args,
                             env=helpers.subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         metrics = out / "metrics.jsonl"

@@ -9,8 +9,14 @@ import torch
 import torch.nn as nn
 
 from fastjepa.config import load_config
-from fastjepa.zero import (consolidate_target, engine_config, load_target_shard, save_target_shard, shard_name,
-                           target_engine_config)
+from fastjepa.zero import (
+    consolidate_target,
+    engine_config,
+    load_target_shard,
+    save_target_shard,
+    shard_name,
+    target_engine_config,
+)
 
 SHAPES = {"patch.weight": (5, 3, 2, 2), "blocks.0.qkv.bias": (9,), "blocks.0.qkv.weight": (9, 7), "norm.weight": (1,)}
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import inspect
 import types
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,7 @@ class VarlenAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     @classmethod
-    def from_timm(cls, attn: nn.Module, backend: str = "auto") -> "VarlenAttention":
+    def from_timm(cls, attn: nn.Module, backend: str = "auto") -> VarlenAttention:
         """Wrap a ``timm.layers.Attention``: the new module holds the SAME submodules (parameters are
         shared, not copied), so weights, optimizer state and ``state_dict`` keys carry over."""
         for name in ("qkv", "proj", "num_heads"):

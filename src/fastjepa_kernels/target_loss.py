@@ -17,11 +17,10 @@ the saved gradient by the upstream scalar on the device (no host sync).
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
-from ._backend import use_triton
+from ._backend import TRITON_DTYPES, use_triton
 
 try:
     import triton
@@ -55,7 +54,6 @@ def jepa_target_loss_reference(pred, target, index, kind="smooth_l1"):
 # 8 rows x 256 columns per step: 2048 fp32 values per tensor with 4 warps (16 per thread), five chunks
 # for ViT-H's D=1280. The 8 rows' targets (40 KB fp32 at D=1280) stay in L1/L2 for the second read.
 BLOCK_T, BLOCK_D, NUM_WARPS = 8, 256, 4
-TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _empty = torch.empty  # output allocator; tests swap in a NaN-filled one to catch unwritten elements
 
 

@@ -144,7 +144,7 @@ class DaliBatches:
         if bad:
             shown = "; ".join(f"{Path(f).name}: {why}" for f, why in bad[:5])
             warnings.warn(f"DALI loader: skipping {len(bad)} undecodable file(s) of {len(source)} ({shown}"
-                          f"{'; ...' if len(bad) > 5 else ''})")
+                          f"{'; ...' if len(bad) > 5 else ''})", stacklevel=2)
         global_batch = cfg.train.batch_size * world_size
         if len(files) < global_batch:
             raise ValueError(f"the data set has {len(files)} decodable images, fewer than one global batch "
@@ -199,7 +199,8 @@ class DaliBatches:
             try:
                 images, labels = self._run()
             except RuntimeError as err:  # a file that passed the checks and still failed to decode
-                warnings.warn(f"DALI loader: dropping an undecodable batch: {str(err).strip().splitlines()[0][:200]}")
+                warnings.warn(f"DALI loader: dropping an undecodable batch: {str(err).strip().splitlines()[0][:200]}",
+                              stacklevel=2)
                 skipped += self.batch_size
                 continue
             return images, labels, skipped

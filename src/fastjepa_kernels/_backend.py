@@ -12,6 +12,10 @@ try:
 except ImportError:
     TRITON_AVAILABLE = False
 
+# torch dtype -> Triton's name for it: every dtype a kernel here takes, and the signature strings of
+# the ahead-of-time compiles (fastjepa_kernels.aot)
+TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
 
 def interpreting() -> bool:
     """Whether Triton's interpreter runs kernels (on CPU tensors): ``TRITON_INTERPRET=1``."""
@@ -40,4 +44,4 @@ def use_triton(op: str, backend: str, tensors, dtypes, reference: str = "referen
     return True
 
 
-__all__ = ["TRITON_AVAILABLE", "interpreting", "use_triton"]
+__all__ = ["TRITON_AVAILABLE", "TRITON_DTYPES", "interpreting", "use_triton"]

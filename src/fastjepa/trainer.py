@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from fastjepa_kernels import ema_, jepa_target_loss
 
-from . import schedules
+from . import schedules, zero
 from .checkpoint import export_safetensors, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, load_config
 from .data.dali import DaliBatches, choose_loader, dali_problem
@@ -36,7 +36,6 @@ from .flops import step_flops
 from .metrics import MetricsLogger
 from .models import build_encoder, build_predictor
 from .models.vit import Block
-from . import zero
 from .optim import build_optimizer, set_hyperparameters
 
 
@@ -499,7 +498,7 @@ def release_shm_buffer_name(rank: int) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="I-JEPA pretraining (fastjepa)")
-    parser.add_argument("--config", help="JSON config file (configs/*.json)")
+    parser.add_argument("--config", help="a JSON config file, or a packaged preset by name (demo, vith14, vitl16, vitb16, vits16)")
     parser.add_argument("--output-dir", default="runs/default", help="checkpoints, metrics.jsonl, config.json")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -3,12 +3,12 @@
 Every op has a plain-PyTorch reference beside its Triton kernel; ``backend="auto"`` takes the kernel for
 CUDA tensors when Triton is installed and the reference elsewhere. Never imports ``fastjepa``.
 """
+from ._backend import TRITON_AVAILABLE
 from .attention import BACKENDS as ATTENTION_BACKENDS
 from .attention import varlen_attention, varlen_attention_qkvpacked
 from .ema import ema_
 from .gather import gather_tokens, scatter_tokens
 from .target_loss import jepa_target_loss
-from ._backend import TRITON_AVAILABLE
 from .timm_vit import VarlenAttention, forward_packed, pack_tokens, patch_vit
 
 __all__ = [

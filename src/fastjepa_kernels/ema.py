@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
+
+from ._backend import TRITON_DTYPES, interpreting
 
 try:
     import triton
@@ -152,10 +154,6 @@ else:  # pragma: no cover
 # ---------------------------------------------------------------------------------------------------
 # Launcher: a cached pointer table per list of tensors
 # ---------------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @dataclasses.dataclass
 class _Plan:
     config: EmaConfig
@@ -165,7 +163,7 @@ class _Plan:
     n_blocks: int
 
 
-_PLANS: "collections.OrderedDict[tuple, _Plan]" = collections.OrderedDict()
+_PLANS: collections.OrderedDict[tuple, _Plan] = collections.OrderedDict()
 _PLAN_CACHE_SIZE = 32
 _DUMMY_MOMENTUM: dict = {}
 
@@ -188,7 +186,7 @@ def _build_plan(device, rows: list) -> _Plan:
     total = sum(m[3] for m in merged)
     config = pick_config(total)
     table, per_entry = [], []
-    for ta, sa, ca, n, te, se, ce in merged:
+    for ta, sa, ca, n, _te, _se, ce in merged:
         aligned = ta % ALIGN == 0 and sa % ALIGN == 0 and (ca % ALIGN == 0 if ce else True)
         table.append([ta, sa, ca, n, int(aligned)])
         per_entry.append(triton.cdiv(n, config.block_size))
@@ -306,7 +304,7 @@ def _as_list(x, name: str) -> list:
 
 
 def _triton_usable(device: torch.device) -> bool:
-    return triton is not None and (device.type == "cuda" or _interpreting())
+    return triton is not None and (device.type == "cuda" or interpreting())
 
 
 def ema_(target, source, momentum, backend: str = "auto", copy_out=None) -> None:
@@ -387,7 +385,6 @@ def ema_(target, source, momentum, backend: str = "auto", copy_out=None) -> None
 # ---------------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs
 # ---------------------------------------------------------------------------------------------------
-_TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def aot_specs():
@@ -398,7 +395,7 @@ def aot_specs():
     for cfg in CONFIGS:
         for src in SOURCE_DTYPES:
             for copy in (None,) + COPY_DTYPES:
-                s, c = _TRITON_DTYPE[src], _TRITON_DTYPE[copy] if copy is not None else None
+                s, c = TRITON_DTYPES[src], TRITON_DTYPES[copy] if copy is not None else None
                 signature = {"T0_ptr": "*fp32", "S0_ptr": f"*{s}", "C0_ptr": f"*{c or 'fp32'}",
                              "entry_ptr": "*i64", "block_ptr": "*i64", "multi": "i32", "M_ptr": "*fp64",
                              "w_arg": "fp32", "use_m": "i32", "HAS_COPY": "constexpr", "BLOCK_SIZE": "constexpr"}

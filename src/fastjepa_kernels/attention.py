@@ -71,7 +71,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._backend import use_triton
+from ._backend import TRITON_DTYPES, interpreting, use_triton
 
 try:
     import triton
@@ -125,9 +125,8 @@ def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen: int, softmax_sca
 # configuration
 # ---------------------------------------------------------------------------------------------------
 TILE = 64  # rows per program in every kernel: query rows (forward, dQ) or key rows (dK/dV)
-TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 AOT_HEAD_DIMS = (24, 32, 64, 80, 96, 128)  # ViT-H predictor (24) and encoder (80), and the usual ones
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRETING = interpreting()  # fixed when the kernels are decorated
 # Tests set this to allocate every output with NaN, so an element a kernel fails to write shows up.
 POISON_OUTPUTS = os.environ.get("FASTJEPA_KERNELS_POISON", "0") not in ("", "0")
 

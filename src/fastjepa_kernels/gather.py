@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from ._backend import use_triton
+from ._backend import TRITON_DTYPES, use_triton
 
 try:
     import triton
@@ -64,7 +64,6 @@ def scatter_tokens_reference(tokens: torch.Tensor, index: torch.Tensor, num_rows
 # One tile for every D: 32 rows x 128 columns (8 KB of bf16, 32 elements per thread with 4 warps, so
 # 16-byte vector loads). Memory-bound, so masked lanes for D % 128 != 0 cost lanes, not bandwidth.
 BLOCK_T, BLOCK_D, NUM_WARPS = 32, 128, 4
-TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _empty = torch.empty  # output allocator; tests swap in a NaN-filled one to catch unwritten elements
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Tuple, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
@@ -22,7 +22,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _check_range(name: str, pair: Tuple[float, float], low: float, high: float) -> Tuple[float, float]:
+def _check_range(name: str, pair: tuple[float, float], low: float, high: float) -> tuple[float, float]:
     a, b = pair
     if not (low <= a <= b <= high):
         raise ValueError(f"{name} must satisfy {low} <= min <= max <= {high}, got {list(pair)}")
@@ -31,16 +31,16 @@ def _check_range(name: str, pair: Tuple[float, float], low: float, high: float) 
 
 class ModelConfig(_Section):
     arch: Literal["tiny", "small", "base", "large", "huge", "giant"] = "huge"
-    embed_dim: Optional[int] = None  # None: the arch's width (tiny 192 ... giant 1408)
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    mlp_ratio: Optional[float] = None
+    embed_dim: int | None = None  # None: the arch's width (tiny 192 ... giant 1408)
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
     patch_size: int = 14
     img_size: int = 224
     in_chans: int = 3
     pred_depth: int = 12
     pred_embed_dim: int = 384
-    pred_num_heads: Optional[int] = None  # None: the encoder's head count (official init_model)
+    pred_num_heads: int | None = None  # None: the encoder's head count (official init_model)
     attention_backend: Literal["auto", "sdpa", "triton"] = "auto"
     # recompute each transformer block in the backward pass instead of keeping its activations
     # (fastjepa.models.vit.run_blocks); ZeRO-3 needs "reentrant"
@@ -55,10 +55,10 @@ class ModelConfig(_Section):
 
 class MaskConfig(_Section):
     num_targets: int = 4
-    target_scale: Tuple[float, float] = (0.15, 0.2)
-    target_aspect: Tuple[float, float] = (0.75, 1.5)
-    context_scale: Tuple[float, float] = (0.85, 1.0)
-    context_aspect: Tuple[float, float] = (1.0, 1.0)
+    target_scale: tuple[float, float] = (0.15, 0.2)
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    context_aspect: tuple[float, float] = (1.0, 1.0)
     min_keep: int = 10
     allow_overlap: bool = False
     truncate: bool = False  # True: cut every mask to the batch minimum, like the official collator
@@ -76,10 +76,10 @@ class MaskConfig(_Section):
 
 class DataConfig(_Section):
     dataset: Literal["folder", "fashion-mnist", "synthetic"] = "folder"
-    root: Optional[str] = None  # folder: the tree; fashion-mnist: the .gz directory
+    root: str | None = None  # folder: the tree; fashion-mnist: the .gz directory
     loader: Literal["auto", "torch", "dali"] = "auto"
     num_workers: int = 2
-    crop_scale: Tuple[float, float] = (0.3, 1.0)
+    crop_scale: tuple[float, float] = (0.3, 1.0)
     synthetic_size: int = 4096
 
     @field_validator("crop_scale")
@@ -95,10 +95,10 @@ class OptimConfig(_Section):
     warmup_steps: int = 25_000
     weight_decay: float = 0.04
     final_weight_decay: float = 0.4
-    betas: Tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    clip_grad: Optional[float] = None
-    ema_momentum: Tuple[float, float] = (0.996, 1.0)
+    clip_grad: float | None = None
+    ema_momentum: tuple[float, float] = (0.996, 1.0)
 
     @field_validator("ema_momentum")
     @classmethod
@@ -111,7 +111,7 @@ class TrainConfig(_Section):
     # the step count the lr, weight-decay and EMA schedules span (None: max_steps). Larger than
     # max_steps runs the first steps of a longer run's schedule: the official recipe's ipe_scale 1.25
     # is schedule_steps = 1.25 x max_steps; a short test can stop early on the demo's own schedule.
-    schedule_steps: Optional[int] = None
+    schedule_steps: int | None = None
     batch_size: int = 128  # per rank, per micro-step
     grad_accum_steps: int = 1
     log_every: int = 10
@@ -138,7 +138,7 @@ class TrainConfig(_Section):
         return self
 
 
-SizeOrAuto = Union[int, Literal["auto"]]
+SizeOrAuto = int | Literal["auto"]
 
 
 class DeepSpeedConfig(_Section):
@@ -234,13 +234,35 @@ def build_config(raw: dict) -> Config:
         raise ConfigError(f"config key '{key}': {first['msg']}") from None
 
 
+PRESET_DIR = Path(__file__).resolve().parent / "configs"  # shipped with the package
+
+
+def presets() -> list[str]:
+    """Names of the packaged configs (``demo``, ``vith14``, ...)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A config file: ``name`` itself when it exists, else the packaged preset it names (``vith14``,
+    ``vith14.json`` or ``configs/vith14.json``, so the repository's paths work from anywhere)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise ConfigError(f"config '{path}' is a folder, not a JSON file")
+    if path.parent in (Path("."), Path("configs")) and path.suffix in ("", ".json"):
+        preset = PRESET_DIR / f"{path.stem}.json"
+        if preset.is_file():
+            return preset
+    raise ConfigError(f"config file '{path}' does not exist (packaged presets: {', '.join(presets())})")
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a JSON config (or start from the defaults when path is None) and apply overrides."""
+    """Read a JSON config (a file, or a packaged preset by name; the defaults when path is None) and apply
+    the overrides."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
+        path = resolve_config_path(path)
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as err:

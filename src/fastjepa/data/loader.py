@@ -33,7 +33,7 @@ class Batch:
     step_in_epoch: int
     skipped: int  # unreadable images replaced in this batch
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.masks.pin_memory(),
                      self.epoch, self.step_in_epoch, self.skipped)
 
@@ -77,7 +77,7 @@ class JEPABatches(Dataset):
             try:
                 img = self.source.load(i)
             except Exception as err:  # noqa: BLE001 -- any decode failure: skip and count
-                warnings.warn(f"skipping unreadable image {self.source.describe(i)}: {err}")
+                warnings.warn(f"skipping unreadable image {self.source.describe(i)}: {err}", stacklevel=2)
                 continue
             return self.transform(img, rng), int(self.source.labels[i]), skipped
         raise DataError(f"{MAX_REPLACEMENTS} unreadable images in a row from {self.source.describe(index)}: "

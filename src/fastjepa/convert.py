@@ -31,8 +31,18 @@ import torch
 import torch.nn as nn
 
 from .config import Config, ConfigError, build_config
-from .encoder_io import (TARGET_FILE, CheckpointError, check_keys, encoder_from_state, inference_config, is_official,
-                         load_encoder, load_weights, read_encoder, read_file)
+from .encoder_io import (
+    TARGET_FILE,
+    CheckpointError,
+    check_keys,
+    encoder_from_state,
+    inference_config,
+    is_official,
+    load_encoder,
+    load_weights,
+    read_encoder,
+    read_file,
+)
 from .models import PRESETS, build_encoder, build_predictor
 from .models.pos_embed import sincos_2d
 

@@ -57,14 +57,14 @@ class PackedMasks:
     def pred_max_seqlen(self) -> int:
         return max(self.pred_lens)
 
-    def _map(self, fn) -> "PackedMasks":
+    def _map(self, fn) -> PackedMasks:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return PackedMasks(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
 
-    def to(self, device, non_blocking: bool = False) -> "PackedMasks":
+    def to(self, device, non_blocking: bool = False) -> PackedMasks:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
-    def pin_memory(self) -> "PackedMasks":
+    def pin_memory(self) -> PackedMasks:
         return self._map(lambda t: t.pin_memory())
 
 

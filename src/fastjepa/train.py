@@ -1,0 +1,8 @@
+"""``python -m fastjepa.train --config demo --output-dir DIR [key=value ...]``, the same as ``fastjepa train``;
+under DeepSpeed: ``deepspeed [--num_gpus N] --module fastjepa.train --config vith14 ...``."""
+import sys
+
+from fastjepa.cli import train_main
+
+if __name__ == "__main__":
+    sys.exit(train_main())
