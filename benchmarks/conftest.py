@@ -111,7 +111,7 @@ CALLS_PER_SYNC = 10
 
 def build_trainer(config: Path, output_dir: Path, overrides=()):
     from fastjepa.config import load_config
-    from fastjepa.trainer import Trainer
+    from fastjepa.train import Trainer
 
     quiet = ["train.progress=off", "train.tensorboard=false", "data.num_workers=0"]
     return Trainer(load_config(config, quiet + list(overrides)), output_dir)

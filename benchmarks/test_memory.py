@@ -20,7 +20,7 @@ pytest.importorskip("pydantic", reason="the trainer's config needs pydantic (scr
 from fastjepa.config import load_config  # noqa: E402
 from fastjepa.masks import MaskSampler  # noqa: E402
 from fastjepa.memory import GB, step_memory  # noqa: E402
-from fastjepa.trainer import build_models  # noqa: E402
+from fastjepa.models import build_models  # noqa: E402
 
 BATCH = int(os.environ.get("FASTJEPA_BENCH_MEM_BATCH", 128))
 TARGET_GB = 60.0

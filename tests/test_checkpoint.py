@@ -11,16 +11,32 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastjepa.checkpoint import (
+from fastjepa.cli import train_main as main
+from fastjepa.io.files import (
     CHECKPOINT_RE,
-    checkpoint_path,
+    CheckpointError,
+    checkpoint_file,
+    checkpoint_files,
     export_safetensors,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
+    newest_checkpoint_file,
+    prune_checkpoint_files,
+    read_weights,
+    torch_save,
 )
-from fastjepa.trainer import main
+
+
+def save_checkpoint(folder, step, state, keep=2):
+    """What the single-process checkpoint store does: an atomic save, then the newest ``keep`` kept."""
+    path = torch_save(checkpoint_file(folder, step), state)
+    prune_checkpoint_files(folder, keep)
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    return read_weights(path)[0]
+
+
+latest_checkpoint, list_checkpoints, checkpoint_path = newest_checkpoint_file, checkpoint_files, checkpoint_file
 
 # The child saves checkpoint 1 normally, then makes the writer slow (half the bytes, then a long sleep)
 # and starts checkpoint 2 (or a new safetensors export); the parent kills it with SIGKILL mid-write.
@@ -28,15 +44,15 @@ CHILD = textwrap.dedent("""
     import io, sys, time
     import torch
     import safetensors.torch
-    from fastjepa import checkpoint
+    from fastjepa.io import files
 
     folder, what = sys.argv[1], sys.argv[2]
     def state(v):
         return {"step": v, "model": {"w": torch.full((256, 256), float(v)), "b": torch.arange(7) * v},
                 "rng": torch.get_rng_state()}
 
-    checkpoint.save_checkpoint(folder, 1, state(1))
-    checkpoint.export_safetensors(folder + "/target.safetensors", {"w": torch.full((256, 256), 1.0)})
+    files.torch_save(files.checkpoint_file(folder, 1), state(1))
+    files.export_safetensors(folder + "/target.safetensors", {"w": torch.full((256, 256), 1.0)})
 
     def half_then_hang(data: bytes, path):
         with open(path, "wb") as f:
@@ -56,10 +72,10 @@ CHILD = textwrap.dedent("""
     real_save = torch.save
     if what == "pt":
         torch.save = slow_torch_save
-        checkpoint.save_checkpoint(folder, 2, state(2))
+        files.torch_save(files.checkpoint_file(folder, 2), state(2))
     else:
-        checkpoint.save_file = slow_save_file
-        checkpoint.export_safetensors(folder + "/target.safetensors", {"w": torch.full((256, 256), 2.0)})
+        safetensors.torch.save_file = slow_save_file
+        files.export_safetensors(folder + "/target.safetensors", {"w": torch.full((256, 256), 2.0)})
     print("UNREACHED", flush=True)
 """)
 
@@ -107,7 +123,7 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path):
     path = save_checkpoint(tmp_path, 5, {"w": torch.randn(64, 64)})
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])
-    with pytest.raises(RuntimeError, match=str(path)):
+    with pytest.raises(CheckpointError, match=str(path)):
         load_checkpoint(path)
 
 
@@ -115,8 +131,9 @@ def test_load_refuses_pickled_code(tmp_path):
     """weights_only: a checkpoint holding an arbitrary object is refused, not unpickled."""
     path = tmp_path / "step_00000001.pt"
     torch.save({"step": 1, "obj": _Arbitrary()}, path)
-    with pytest.raises(RuntimeError, match="cannot be loaded"):
+    with pytest.raises(CheckpointError, match="will not unpickle") as caught:
         load_checkpoint(path)
+    assert "weights_only=False" not in str(caught.value)  # never a suggestion to unpickle untrusted code
 
 
 class _Arbitrary:

@@ -1,4 +1,4 @@
-"""fastjepa.convert and fastjepa.load_encoder.
+"""fastjepa.io.convert and fastjepa.load_encoder.
 
 The official I-JEPA layout is generated here from its key names (facebookresearch/ijepa
 src/models/vision_transformer.py, src/train.py, src/helper.py), with random weights at ViT-tiny width
@@ -26,8 +26,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastjepa import convert
-from fastjepa.encoder_io import CheckpointError, load_encoder
+from fastjepa.io import CheckpointError, convert
+from fastjepa.io.encoder import load_encoder
+from fastjepa.io.files import newest_checkpoint_file as latest_checkpoint
+from fastjepa.io.files import read_weights
+from fastjepa.io.timm import timm_model
 
 torch.set_num_threads(1)
 
@@ -35,6 +38,10 @@ WIDTH, HEADS, DEPTH, PATCH, IMG = 192, 3, 2, 16, 48  # ViT-tiny width and heads;
 PRED_WIDTH, PRED_DEPTH = 96, 2
 BLOCK_KEYS = [f"{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
               for p in ("weight", "bias")]
+
+
+def load_checkpoint(path) -> dict:
+    return read_weights(path)[0]
 
 
 # ---- the official layout, built from its key names ---------------------------------------------------
@@ -295,10 +302,10 @@ def test_official_to_fastjepa_to_timm_same_features(converted, tmp_path, timm, c
         model.double()
         torch.testing.assert_close(model.forward_head(model.forward_features(x.double()), pre_logits=True),
                                    reference, atol=1e-10, rtol=1e-10)
-        helper = convert.timm_model(out).double()
+        helper = timm_model(out).double()
         assert not helper.pos_embed.requires_grad
         torch.testing.assert_close(helper(x.double()), reference, atol=1e-10, rtol=1e-10)  # num_classes=0: pooled
-        with_head = convert.timm_model(encoder.float(), num_classes=5)
+        with_head = timm_model(encoder.float(), num_classes=5)
         assert with_head(x).shape == (3, 5)
 
     direct = tmp_path / "direct.pth"
@@ -313,10 +320,9 @@ def test_official_to_fastjepa_to_timm_same_features(converted, tmp_path, timm, c
 
 
 def test_converted_predictor_matches_official(converted):
-    from fastjepa.checkpoint import latest_checkpoint, load_checkpoint
     from fastjepa.config import build_config
     from fastjepa.masks import pack_masks
-    from fastjepa.trainer import build_models
+    from fastjepa.models import build_models
 
     ckpt, _, out, _ = converted
     state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
@@ -347,7 +353,7 @@ def _official_name(ours: str) -> str:
 
 def test_converted_run_resumes_and_trains(converted, helpers):
     from fastjepa.config import load_config
-    from fastjepa.trainer import Trainer
+    from fastjepa.train import Trainer
 
     ckpt, _, out, _ = converted
     cfg = load_config(out / "config.json", ["train.max_steps=6"])
@@ -386,8 +392,6 @@ def _official_index(ckpt, section: str, key: str) -> int:
 
 
 def test_fresh_optimizer_and_mismatched_optimizer(tmp_path, run_config, capsys):
-    from fastjepa.checkpoint import latest_checkpoint, load_checkpoint
-
     ckpt = official_checkpoint(ddp=False)  # single-GPU official runs save keys without module.
     ckpt["opt"]["param_groups"] = ckpt["opt"]["param_groups"][:3]  # not the official layout: not carried
     src = tmp_path / "ckpt.pth.tar"
@@ -426,7 +430,6 @@ def test_heads_from_preset_and_encoder_only_output(tmp_path, capsys):
 
 def test_load_encoder_accepts_every_form(converted, tmp_path):
     import fastjepa
-    from fastjepa.checkpoint import latest_checkpoint
 
     ckpt, src, out, _ = converted
     x = images(2)
@@ -541,7 +544,7 @@ def test_broken_fastjepa_files(converted, tmp_path, capsys):
 
 @pytest.mark.subprocess
 def test_cli_module_exit_code(tmp_path, helpers):
-    result = subprocess.run([sys.executable, "-m", "fastjepa.convert", "--from", "official", "--to", "timm",
+    result = subprocess.run([sys.executable, "-m", "fastjepa", "convert", "--from", "official", "--to", "timm",
                              str(tmp_path / "missing.pth"), str(tmp_path / "out.pth")],
                             capture_output=True, text=True, env=helpers.subprocess_env(), timeout=120)
     assert result.returncode == 2

@@ -162,7 +162,7 @@ def test_trainer_on_dali_resumes_exactly(helpers, tmp_path, capsys):
     state travels in the checkpoint)."""
     import shutil
 
-    from fastjepa.trainer import Trainer
+    from fastjepa.train import Trainer
 
     root = tmp_path / "tree"
     helpers.make_image_tree(root, per_class=16)
@@ -185,7 +185,7 @@ def test_trainer_on_dali_resumes_exactly(helpers, tmp_path, capsys):
 
 
 def test_folder_of_only_undecodable_files_is_a_clear_error(helpers, tmp_path, capsys):
-    from fastjepa.trainer import main
+    from fastjepa.cli import train_main as main
 
     root = tmp_path / "broken"
     for c in ("a", "b"):

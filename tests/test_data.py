@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from fastjepa.cli import train_main as main
 from fastjepa.config import load_config
 from fastjepa.data.loader import JEPABatches, build_batches, build_loader
 from fastjepa.data.sources import FASHION_MNIST_DIR, FashionMNIST, ImageFolder, Synthetic
 from fastjepa.data.transforms import ImageTransform, random_resized_crop_box
-from fastjepa.trainer import main
 
 GRID = (4, 4)  # 16 px images, 4 px patches
 HAVE_FASHION_MNIST = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))

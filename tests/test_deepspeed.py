@@ -52,7 +52,8 @@ WRAPPER = textwrap.dedent("""
     import contextlib, functools, json, os, runpy, sys
     import torch
     import deepspeed.comm
-    import fastjepa.trainer as T
+    import fastjepa.train.step as S
+    import fastjepa.train.trainer as T
 
     COUNTS = {"ema": 0, "other": 0}
     IN_EMA = [False]
@@ -72,18 +73,18 @@ WRAPPER = textwrap.dedent("""
             if callable(getattr(module, name, None)):
                 setattr(module, name, counted(getattr(module, name)))
 
-    def ema_counted(*a, _ema=T.ema_, **k):
+    def ema_counted(*a, _ema=S.ema_, **k):
         IN_EMA[0] = True
         try:
             return _ema(*a, **k)
         finally:
             IN_EMA[0] = False
-    T.ema_ = ema_counted
+    S.ema_ = ema_counted
 
     def dump_after_train(self, _train=T.Trainer.train):
         code = _train(self)
         gathered = contextlib.nullcontext()
-        if self.zero3:  # the test's own look at the whole weights (the trainer never gathers the target)
+        if self.backend.zero3:  # the test's own look at the whole weights (the trainer never gathers the target)
             params = list(self.model.parameters()) + list(self.target.parameters())
             gathered = deepspeed.zero.GatheredParameters(params)
         with gathered:
@@ -211,7 +212,7 @@ def test_first_step_matches_two_rank_reference(ds_run, helpers):
 
     from fastjepa.config import load_config
     from fastjepa.data.loader import build_batches
-    from fastjepa.trainer import build_models
+    from fastjepa.models import build_models
 
     if ds_run.bf16:
         pytest.skip("bf16 runs are checked against the replay with bf16 tolerances")
@@ -249,8 +250,8 @@ def data_parallel_replay(config: Path, steps: int, world: int = WORLD):
     from fastjepa import schedules
     from fastjepa.config import load_config
     from fastjepa.data.loader import build_batches
+    from fastjepa.models import build_models
     from fastjepa.optim import build_optimizer, set_hyperparameters
-    from fastjepa.trainer import build_models
     from fastjepa_kernels import jepa_target_loss
 
     cfg = load_config(config)
@@ -289,7 +290,7 @@ def test_matches_one_process_replay(ds_run, helpers):
     the EMA target (fp32 on both sides: only summation order differs; DeepSpeed's bf16 mode against the
     fp32 replay: within bf16 rounding, measured against how far training moved the weights)."""
     from fastjepa.config import load_config
-    from fastjepa.trainer import build_models
+    from fastjepa.models import build_models
 
     losses, model_state, target_state = data_parallel_replay(ds_run.config, STEPS)
     got = [r["loss"] for r in helpers.read_metrics(ds_run.output)]
@@ -354,11 +355,11 @@ def zero3_only(ds_run):
 
 
 def test_zero3_export_equals_gathered_target(ds_run):
-    """target_encoder.safetensors (assembled from the shard files) and ``python -m fastjepa.zero
+    """target_encoder.safetensors (assembled from the shard files) and ``python -m fastjepa.train.zero
     export-target`` both equal the target gathered from the ranks."""
     from safetensors.torch import load_file
 
-    from fastjepa.zero import main as zero_main
+    from fastjepa.train.zero import main as zero_main
 
     zero3_only(ds_run)
     gathered = {k[len("target."):]: v for k, v in rank_weights(ds_run.output)[0].items() if k.startswith("target.")}
@@ -378,7 +379,7 @@ def test_zero3_universal_checkpoint_resumes_on_one_rank(ds_run, helpers):
     whole (compared with DeepSpeed's own fp32 consolidation and our shard assembly of the same tag)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from fastjepa.zero import consolidate_target, to_universal
+    from fastjepa.train.zero import consolidate_target, to_universal
 
     zero3_only(ds_run)
     one = ds_run.work / "one_rank"
@@ -400,7 +401,8 @@ def test_zero3_universal_checkpoint_resumes_on_one_rank(ds_run, helpers):
 # rank 0's micro-batch 4 (step 5) gets NaN images; every rank records its target slices' sum after each step
 NAN_ON_RANK0_STEP5 = textwrap.dedent("""
     import json, os
-    import fastjepa.trainer as T
+    import fastjepa.data.loader as L
+    import fastjepa.train.trainer as T
 
     class NaNAtFour:
         def __init__(self, inner, rank):
@@ -413,14 +415,14 @@ NAN_ON_RANK0_STEP5 = textwrap.dedent("""
                 batch.images = batch.images * float("nan")
             return batch
 
-    def build_batches(cfg, grid, rank=0, world_size=1, _build=T.build_batches):
+    def build_batches(cfg, grid, rank=0, world_size=1, _build=L.build_batches):
         return NaNAtFour(_build(cfg, grid, rank, world_size), rank)
-    T.build_batches = build_batches
+    L.build_batches = build_batches
 
     def step_and_record(self, *a, _step=T.Trainer.train_step, **k):
         out = _step(self, *a, **k)
         sums = getattr(self, "_sums", [])
-        sums.append(sum(float(t.double().sum()) for t in self.target_params))
+        sums.append(sum(float(t.double().sum()) for t in self.backend.ema_pairs()[0]))
         self._sums = sums
         with open(os.path.join(str(self.output_dir), f"rank{self.rank}_target_sums.json"), "w") as f:
             json.dump(sums, f)
@@ -445,15 +447,15 @@ def test_zero3_skipped_step_skips_the_ema_on_every_rank(tmp_path, helpers):
 # rank 1 kills itself (SIGKILL, no clean-up) in the middle of step 3, after the step-2 checkpoint
 KILL_RANK_MID_STEP = textwrap.dedent("""
     import os, signal
-    import fastjepa.trainer as T
+    import fastjepa.train.step as S
 
-    def ema_then_die(*a, _ema=T.ema_, **k):
+    def ema_then_die(*a, _ema=S.ema_, **k):
         import torch.distributed as dist
         if dist.get_rank() == 1 and os.path.isdir(os.environ["FASTJEPA_KILL_AFTER"]):
             os.kill(os.getpid(), signal.SIGKILL)
         return _ema(*a, **k)
 
-    T.ema_ = ema_then_die
+    S.ema_ = ema_then_die
 """)
 
 
@@ -475,7 +477,7 @@ def test_zero3_killed_rank_leaves_last_checkpoint_loadable(tmp_path, helpers, mo
 # collectives while the other rank trains on.
 SIGNAL_ONE_RANK = textwrap.dedent("""
     import os, signal
-    import fastjepa.trainer as T
+    import fastjepa.train.trainer as T
 
     def step_then_signal(self, *a, _step=T.Trainer.train_step, **k):
         out = _step(self, *a, **k)

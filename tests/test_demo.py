@@ -39,7 +39,7 @@ def _probe(checkpoint, capsys, *extra) -> dict:
 
 @pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_short_demo_run_beats_random_init(tmp_path, helpers, capsys):
-    from fastjepa.trainer import main
+    from fastjepa.cli import train_main as main
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the demo's own setting; conftest pins tests to one thread

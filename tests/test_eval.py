@@ -190,7 +190,7 @@ def test_val_labels_follow_train_classes(tmp_path, helpers):
 @pytest.fixture
 def run_and_data(tmp_path, tiny_cfg, encoder, helpers):
     """A run directory holding ``encoder`` as target_encoder.safetensors, and a train/val image folder."""
-    from fastjepa.checkpoint import export_safetensors
+    from fastjepa.io.files import export_safetensors
 
     run = tmp_path / "run"
     export_safetensors(run / "target_encoder.safetensors", encoder.state_dict(),

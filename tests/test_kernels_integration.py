@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 pytest.importorskip("pydantic", reason="the trainer's config needs pydantic (absent on a bare GPU machine)")
 
 from fastjepa.config import load_config  # noqa: E402
-from fastjepa.trainer import Trainer  # noqa: E402
+from fastjepa.train import Trainer  # noqa: E402
 
 
 def run(tmp_path, tiny, backend, steps=3):
@@ -30,7 +30,7 @@ def run(tmp_path, tiny, backend, steps=3):
 def test_triton_step_matches_reference_step(tmp_path, tiny):
     ref, ref_losses = run(tmp_path, tiny, "sdpa")
     tri, tri_losses = run(tmp_path, tiny, "triton")
-    assert tri.ops_backend == "triton" and ref.ops_backend == "reference"
+    assert tri.step_fn.ops_backend == "triton" and ref.step_fn.ops_backend == "reference"
     assert all(b.attn.backend == "triton" for b in tri.model.encoder.blocks)
     torch.testing.assert_close(torch.tensor(tri_losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-6)
     assert ref_losses[0] != ref_losses[-1]  # the weights moved between steps

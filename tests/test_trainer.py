@@ -14,14 +14,25 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, safe_open
 
-from fastjepa import trainer as trainer_mod
-from fastjepa.checkpoint import latest_checkpoint, load_checkpoint
+from fastjepa.cli import train_main as main
+from fastjepa.cli import train_parser
 from fastjepa.config import load_config
+from fastjepa.data import loader as loader_mod
+from fastjepa.io.files import newest_checkpoint_file as latest_checkpoint
+from fastjepa.io.files import read_weights
 from fastjepa.models import build_encoder
-from fastjepa.trainer import Trainer, main, parse_args
+from fastjepa.train import Trainer
 
 METRIC_KEYS = {"step", "epoch", "loss", "lr", "wd", "momentum", "grad_norm", "images_per_s", "data_wait_s",
                "context_tokens", "target_tokens", "skipped_images", "skipped_steps"}
+
+
+def load_checkpoint(path) -> dict:
+    return read_weights(path)[0]
+
+
+def parse_args(argv):
+    return train_parser().parse_args(argv)
 
 
 def read_metrics(output_dir):
@@ -99,7 +110,7 @@ def test_resume_continues_exactly(tmp_path, tiny, monkeypatch, capsys, extra):
     def stop_after_n(self, *a, **k):  # what the SIGTERM handler does, at a chosen step
         out = original(self, *a, **k)
         if self.step == n:
-            self.stop_signal = signal.SIGTERM
+            self.stop.signal = signal.SIGTERM
         return out
 
     monkeypatch.setattr(Trainer, "train_step", stop_after_n)
@@ -181,7 +192,7 @@ def test_nonfinite_step_is_skipped(tmp_path, tiny):
     """A NaN batch: nothing changes (weights, target, AdamW state), the step is counted, training goes on."""
     cfg = load_config(None, tiny + ["train.max_steps=5"])
     trainer = Trainer(cfg, tmp_path)
-    trainer.batches = NaNBatches(trainer.batches, bad={2})
+    trainer.data.batches = NaNBatches(trainer.data.batches, bad={2})
     snaps = {}
     original = trainer.train_step
 
@@ -217,7 +228,7 @@ def test_window_with_a_skipped_step_logs_the_finite_mean(tmp_path, tiny):
     """log_every=4 with micro-step 1 NaN: the record's loss is the mean of the three finite steps."""
     cfg = load_config(None, tiny + ["train.max_steps=4", "train.log_every=4"])
     trainer = Trainer(cfg, tmp_path)
-    trainer.batches = NaNBatches(trainer.batches, bad={1})
+    trainer.data.batches = NaNBatches(trainer.data.batches, bad={1})
     losses = []
     original = trainer.train_step
 
@@ -238,8 +249,8 @@ def test_window_with_a_skipped_step_logs_the_finite_mean(tmp_path, tiny):
 def test_nonfinite_run_stops_with_checkpoint(tmp_path, tiny, monkeypatch, capsys, log_every, k):
     """K non-finite steps in a row stop the run: exit code 3, a checkpoint equal to the last good state."""
     first_bad = 2  # micro-step 2 = step 3
-    real = trainer_mod.build_batches
-    monkeypatch.setattr(trainer_mod, "build_batches",
+    real = loader_mod.build_batches
+    monkeypatch.setattr(loader_mod, "build_batches",
                         lambda *a, **kw: NaNBatches(real(*a, **kw), bad_from=first_bad))
     args = tiny + ["train.max_steps=30", "train.checkpoint_every=2", "train.keep_checkpoints=5", f"train.log_every={log_every}",
                    f"train.max_nonfinite_steps={k}"]
@@ -269,7 +280,7 @@ def capture_grads(trainer):
     step = trainer.optimizer.step
 
     def recording(*a, **k):
-        seen.append([p.grad.clone() for p in trainer.grad_params])
+        seen.append([p.grad.clone() for p in trainer.backend.grad_params])
         return step(*a, **k)
 
     trainer.optimizer.step = recording
@@ -292,9 +303,9 @@ def test_grad_accumulation(tmp_path, tiny):
     assert out["grad_norm"].item() == pytest.approx(total_norm([(a + b) / 2 for a, b in zip(g0, g1)]), rel=1e-5)
 
     # the loop: 3 optimizer steps read micro-batches 0..5 in order (it resumes at micro-step 2 = step 1)
-    trainer.batches = NaNBatches(trainer.batches)
+    trainer.data.batches = NaNBatches(trainer.data.batches)
     assert trainer.train() == 0
-    assert trainer.batches.keys == [(0, m) for m in range(2, 6)]
+    assert trainer.data.batches.keys == [(0, m) for m in range(2, 6)]
     assert len(seen) == 3
     assert [r["step"] for r in read_metrics(tmp_path)] == [2, 3]
 
@@ -325,7 +336,7 @@ def test_grad_clipping(tmp_path, tiny):
     ref_norm = total_norm(ref)
     assert ref_norm > 10 * clip
     seen = capture_grads(trainer)
-    before = [p.detach().clone() for p in trainer.grad_params]
+    before = [p.detach().clone() for p in trainer.backend.grad_params]
     out = trainer.train_step([batch], want_stats=True)
     assert out["grad_norm"].item() == pytest.approx(ref_norm, rel=1e-5)  # pre-clip
     assert total_norm(seen[0]) == pytest.approx(clip, rel=1e-4)
@@ -333,7 +344,7 @@ def test_grad_clipping(tmp_path, tiny):
         torch.testing.assert_close(got, r * (clip / ref_norm), rtol=1e-4, atol=1e-10)
     # AdamW's first step moves each weight by at most lr (plus decoupled weight decay)
     lr, wd = out["lr"], out["wd"]
-    for p0, p1, group_wd in zip(before, trainer.grad_params, _wd_per_param(trainer, wd)):
+    for p0, p1, group_wd in zip(before, trainer.backend.grad_params, _wd_per_param(trainer, wd)):
         step = (p1.detach() - p0 * (1 - lr * group_wd)).abs().max().item()
         assert step <= lr * (1 + 1e-3)
 
@@ -343,7 +354,7 @@ def _wd_per_param(trainer, wd):
     for group in trainer.optimizer.param_groups:
         for p in group["params"]:
             per[id(p)] = group["weight_decay"]
-    return [per[id(p)] for p in trainer.grad_params]
+    return [per[id(p)] for p in trainer.backend.grad_params]
 
 
 # ---- SIGTERM ------------------------------------------------------------------------------------

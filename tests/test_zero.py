@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from fastjepa.config import load_config
-from fastjepa.zero import (
+from fastjepa.train.zero import (
     consolidate_target,
     engine_config,
     load_target_shard,

@@ -7,7 +7,7 @@ __all__ = ["load_encoder"]
 def __getattr__(name: str):
     # lazy: `import fastjepa` stays light (no torch) until the encoder loader is asked for
     if name == "load_encoder":
-        from .encoder_io import load_encoder
+        from .io.encoder import load_encoder
 
         return load_encoder
     raise AttributeError(f"module 'fastjepa' has no attribute {name!r}")

@@ -6,8 +6,11 @@ timm weights out; also ``fastjepa-convert``).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+
+from .config import presets
 
 COMMANDS = {
     "train": "pretrain an encoder with I-JEPA",
@@ -17,17 +20,35 @@ COMMANDS = {
 }
 
 
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastjepa train", description="I-JEPA pretraining")
+    parser.add_argument("--config", help="a JSON config file, or a packaged preset by name (" + ", ".join(presets()) + ")")
+    parser.add_argument("--output-dir", default="runs/default", help="checkpoints, metrics.jsonl, config.json")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=5e-4 train.max_steps=100")
+    return parser
+
+
 def train_main(argv=None) -> int:
     # CPU: oneDNN builds and caches a primitive per new tensor shape (GELU among them); with packed
     # variable-length batches every step brings new shapes and the cache grows by megabytes a step.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
-    from .trainer import main
+    args = train_parser().parse_args(argv)
+    from .config import ConfigError, load_config
+    from .train import Trainer
 
-    return main(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        trainer = Trainer(cfg, args.output_dir, resume=args.resume, local_rank=args.local_rank)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"fastjepa: error: {err}", file=sys.stderr)
+        return 2
+    return trainer.train()
 
 
 def convert_main(argv=None) -> int:
-    from .convert import main
+    from .io.convert import main
 
     return main(argv)
 

@@ -154,7 +154,7 @@ class DeepSpeedConfig(_Section):
     allgather_bucket_size: SizeOrAuto = "auto"
     stage3_prefetch_bucket_size: SizeOrAuto = "auto"
     stage3_param_persistence_threshold: SizeOrAuto = "auto"
-    # resume from a universal checkpoint (python -m fastjepa.zero to-universal), e.g. on another world size
+    # resume from a universal checkpoint (python -m fastjepa.train.zero to-universal), e.g. on another world size
     load_universal: bool = False
 
     @field_validator("zero_stage")

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from ..masks import MaskSampler
+from .batch import Batch, DataError
 from .sources import ImageFolder, build_source
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import channel_stats
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -106,9 +107,7 @@ def build_pipeline(files, labels, *, batch_size, size, channels, crop_scale, sha
     """A DALI pipeline yielding (images float32 [B, C, size, size], labels int32 [B, 1]). ``device_id``
     None: CPU decoding; an int: nvImageCodec on that GPU."""
     mixed = device_id is not None
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if channels == 1:  # the torch loader's grey statistics: the average over ImageNet's channels
-        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    mean, std = channel_stats(channels)
 
     @pipeline_def(enable_checkpointing=True)
     def jepa_pipeline():
@@ -130,12 +129,14 @@ def build_pipeline(files, labels, *, batch_size, size, channels, crop_scale, sha
 
 
 class DaliBatches:
-    """Sequential I-JEPA batches from DALI for one rank; ``steps_per_epoch`` like ``JEPABatches``.
+    """Sequential I-JEPA batches from DALI for one rank: a :class:`~fastjepa.data.batch.BatchStream`;
+    ``steps_per_epoch`` like the torch loader's.
 
     The pipeline is run directly (not through DALI's iterator, whose epoch bookkeeping does not survive
     a batch that fails to decode): each epoch of a shard is ``ceil(S / B)`` batches of its ``S`` files
     (padded by DALI to the same count on every shard); the first ``S // B`` are used, a padded tail is
-    run and dropped. ``state`` (from :meth:`state_dict`) resumes exactly where it was saved."""
+    run and dropped. ``state`` (from :meth:`state_dict`) resumes exactly where it was saved; so does
+    :meth:`load_state_dict` on a stream built without it."""
 
     def __init__(self, cfg, grid, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
                  state: dict | None = None):
@@ -156,11 +157,11 @@ class DaliBatches:
         device_id = None
         if self.device.type == "cuda":
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        self.pipe = build_pipeline(
+        self._build = lambda checkpoint: build_pipeline(
             files, labels, batch_size=self.batch_size, size=cfg.model.img_size, channels=cfg.model.in_chans,
             crop_scale=cfg.data.crop_scale, shard_id=rank, num_shards=world_size, seed=cfg.train.seed,
-            device_id=device_id, num_threads=max(1, cfg.data.num_workers),
-            checkpoint=None if state is None else state["pipeline"])
+            device_id=device_id, num_threads=max(1, cfg.data.num_workers), checkpoint=checkpoint)
+        self.pipe = self._build(None if state is None else state["pipeline"])
         meta = self.pipe.reader_meta("Reader")
         shard = meta["epoch_size_padded"] // world_size  # every shard padded to the same count
         self.steps_per_epoch = shard // self.batch_size
@@ -184,8 +185,6 @@ class DaliBatches:
 
     def _next_images(self):
         """(images, labels, skipped) of the next decodable batch of the current epoch."""
-        from .loader import DataError
-
         skipped = 0
         for _ in range(MAX_FAILED_BATCHES):
             if self.position >= self.steps_per_epoch:  # the padded tail of the reader's epoch
@@ -209,8 +208,6 @@ class DaliBatches:
     def iterate(self, start_micro_step: int, stop_micro_step: int):
         """Batches for micro-steps ``[start, stop)``; the pipeline must be at ``start`` (fresh, or
         restored from a checkpoint taken there)."""
-        from .loader import Batch
-
         upcoming = self._mask_future(start_micro_step) if start_micro_step < stop_micro_step else None
         for micro in range(start_micro_step, stop_micro_step):
             images, labels, skipped = self._next_images()
@@ -225,6 +222,18 @@ class DaliBatches:
     def state_dict(self) -> dict:
         """The pipeline's checkpoint after the last batch handed out, and the position in its epoch."""
         return {"loader": "dali", "pipeline": self.pipe.checkpoint(), "position": self.position}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Continue where :meth:`state_dict` was taken: the pipeline is rebuilt from its checkpoint."""
+        if state is None:
+            return
+        del self.pipe
+        self.pipe = self._build(state["pipeline"])
+        self.position = int(state["position"])
+        self.pending_skipped = 0  # counted by the run that saved the state
+
+    def describe(self) -> str:
+        return f"NVIDIA DALI, decoding on the {'GPU (nvImageCodec)' if self.device.type == 'cuda' else 'CPU'}"
 
     def close(self) -> None:
         self._mask_thread.shutdown(wait=False)

@@ -1,4 +1,4 @@
-"""Batches for I-JEPA: each DataLoader item is a whole batch (images + packed masks), made in a worker.
+"""The torch loader: each DataLoader item is a whole batch (images + packed masks), made in a worker.
 
 The sampler yields keys ``(epoch, step_in_epoch, micro_step)``; the dataset turns a key into this
 rank's share of that global batch. Everything random (the permutation, crops, masks) is seeded by
@@ -7,35 +7,17 @@ rank's share of that global batch. Everything random (the permutation, crops, ma
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..masks import MaskSampler, PackedMasks
+from ..masks import MaskSampler
+from .batch import Batch, DataError
 from .sources import build_source
 from .transforms import ImageTransform
 
 MAX_REPLACEMENTS = 16  # unreadable images in a row before a batch gives up
-
-
-class DataError(RuntimeError):
-    """The data cannot feed the run (e.g. a long run of unreadable images); the trainer stops cleanly."""
-
-
-@dataclass
-class Batch:
-    images: torch.Tensor  # [B, C, S, S] float32, normalised
-    labels: torch.Tensor  # [B] int64
-    masks: PackedMasks
-    epoch: int
-    step_in_epoch: int
-    skipped: int  # unreadable images replaced in this batch
-
-    def pin_memory(self) -> Batch:
-        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.masks.pin_memory(),
-                     self.epoch, self.step_in_epoch, self.skipped)
 
 
 class BatchKeys(Sampler):
@@ -119,3 +101,32 @@ def build_loader(batches: JEPABatches, start_micro_step: int, stop_micro_step: i
         worker_init_fn=_worker_init if num_workers else None, persistent_workers=False,
         prefetch_factor=4 if num_workers else None,
     )
+
+
+class TorchBatches:
+    """The torch DataLoader as a :class:`~fastjepa.data.batch.BatchStream`. Every batch is a pure function of
+    (seed, epoch, step, rank), so the step alone resumes it: ``state_dict()`` is None.
+
+    ``batches`` is the random-access dataset (``batches[(epoch, step)]``), read by benchmarks and tests."""
+
+    def __init__(self, batches: JEPABatches, num_workers: int, pin_memory: bool = False):
+        self.batches, self.num_workers, self.pin_memory = batches, num_workers, pin_memory
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches.steps_per_epoch
+
+    def iterate(self, start_micro_step: int, stop_micro_step: int):
+        return iter(build_loader(self.batches, start_micro_step, stop_micro_step, self.num_workers, self.pin_memory))
+
+    def state_dict(self):
+        return None
+
+    def load_state_dict(self, state) -> None:
+        pass  # nothing beyond the step
+
+    def describe(self) -> str:
+        return "torch DataLoader"
+
+    def close(self) -> None:
+        pass

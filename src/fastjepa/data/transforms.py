@@ -11,6 +11,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def channel_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per channel in [0, 1] units: ImageNet's for RGB; for one grey channel the average of
+    ImageNet's three (what every loader here normalises grey images with)."""
+    if channels == 1:
+        return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
 def random_resized_crop_box(width, height, rng: np.random.Generator, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3)):
     """A crop box (left, top, right, bottom) with area in ``scale`` of the image and log-uniform aspect
     ``ratio``: torchvision's RandomResizedCrop.get_params algorithm (10 tries, then a centre crop)."""
@@ -44,9 +52,7 @@ class ImageTransform:
         if channels not in (1, 3):
             raise ValueError(f"model.in_chans must be 1 or 3, got {channels}")
         self.size, self.channels, self.crop_scale = size, channels, crop_scale
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-        if channels == 1:  # one grey channel: the average of ImageNet's statistics
-            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+        mean, std = channel_stats(channels)
         self.mean = torch.tensor(mean).view(-1, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)
 

@@ -236,7 +236,8 @@ def eval_features(args) -> EvalFeatures:
     """The encoder and data the command-line arguments name, as (cached) features."""
     from ..data.sources import build_source
     from ..data.transforms import ImageTransform
-    from ..encoder_io import encoder_from_state, inference_config, read_encoder
+    from ..io.encoder import read_encoder
+    from ..io.weights import encoder_from_state, inference_config
     from ..models import build_encoder
 
     checkpoint = Path(args.checkpoint)

@@ -4,5 +4,4 @@ import sys
 
 from fastjepa.cli import train_main
 
-if __name__ == "__main__":
-    sys.exit(train_main())
+sys.exit(train_main())

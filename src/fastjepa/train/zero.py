@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from ..io.files import export_safetensors
 
 SHARD_PATTERN = re.compile(r"fastjepa_target_rank(\d{5})_of_(\d{5})\.safetensors")
 
@@ -123,21 +122,11 @@ def ema_shards(target: torch.nn.Module, encoder: torch.nn.Module):
 # checkpoint files
 # ---------------------------------------------------------------------------------------------------
 def save_target_shard(tag_dir: Path, target: torch.nn.Module, rank: int, world: int) -> Path:
-    """Write this rank's slices atomically (temporary file + rename in the same folder)."""
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p.ds_tensor.detach().reshape(-1).float().cpu().contiguous()
-               for name, p in target.named_parameters()}
+    """Write this rank's slices atomically (``fastjepa.io.files.export_safetensors``)."""
+    tensors = {name: p.ds_tensor.detach().reshape(-1).float() for name, p in target.named_parameters()}
     shapes = {name: list(p.ds_shape) for name, p in target.named_parameters()}
-    path = tag_dir / shard_name(rank, world)
-    fd, tmp = tempfile.mkstemp(dir=tag_dir, prefix=".tmp-target-")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"shapes": json.dumps(shapes), "world": str(world), "rank": str(rank)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return export_safetensors(Path(tag_dir) / shard_name(rank, world), tensors,
+                              metadata={"shapes": json.dumps(shapes), "world": str(world), "rank": str(rank)})
 
 
 def _shard_files(tag_dir: Path) -> list[Path]:
@@ -232,9 +221,7 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
-    from safetensors.torch import save_file as save
-
-    parser = argparse.ArgumentParser(prog="python -m fastjepa.zero", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fastjepa.train.zero", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("export-target", help="assemble the fp32 target encoder of a ZeRO-3 checkpoint tag")
     p.add_argument("tag_dir", type=Path)
@@ -245,7 +232,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "export-target":
-            save(consolidate_target(args.tag_dir), str(args.output))
+            export_safetensors(args.output, consolidate_target(args.tag_dir))
             print(f"wrote {args.output}")
         else:
             print(f"wrote {to_universal(args.tag_dir, args.output)}")

@@ -1,0 +1,152 @@
+"""Execution backends: how the step's forward, backward, update and collectives run.
+
+One protocol, two implementations: :class:`SingleProcess` (one CPU or one GPU) here, and
+``fastjepa.train.deepspeed_backend.DeepSpeedBackend`` (data parallel through DeepSpeed ZeRO 0-3). The step, the
+checkpoints and the loop talk to a backend only through :class:`ExecutionBackend`; :func:`make_backend`
+is the one place that decides which runs.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+
+from ..config import Config, ConfigError
+from .checkpoint import CheckpointStore, FileStore
+
+
+class ExecutionBackend(Protocol):
+    """``rank``/``world_size``/``is_main``/``device`` describe this process; ``optimizer`` is the optimizer
+    the schedules set (the engine's under DeepSpeed)."""
+
+    rank: int
+    world_size: int
+    is_main: bool
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+
+    def prepare(self, model: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Wrap the online model, the target encoder and the optimizer for this backend."""
+
+    def forward(self, images: torch.Tensor, masks) -> torch.Tensor:
+        """The online model: predictions ``[T_tgt, D]``."""
+
+    def target_forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The target encoder: features ``[B, N, D]`` (the caller holds ``no_grad``)."""
+
+    def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
+        """Accumulate the gradient of one micro-batch's mean loss (of ``accum``; ``last`` ends the window)."""
+
+    def update(self, found_inf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """The optimizer step, skipped on the device where ``found_inf`` (0-d bool) or the gradients say so.
+        Returns ``(found_inf as applied, the pre-clip gradient norm)``; gradients are cleared."""
+
+    def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(target tensors, online fp32 tensors)`` the EMA updates pairwise: this rank's own parts."""
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """float64 CPU ``values`` summed over ranks (logging only: a host sync)."""
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (a host sync)."""
+
+    def gather_objects(self, obj) -> list:
+        """``obj`` of every rank, in rank order."""
+
+    def barrier(self) -> None: ...
+
+    def checkpoint_store(self, folder: Path, keep: int) -> CheckpointStore:
+        """Where and how this backend writes and reads checkpoints."""
+
+    def close(self) -> None: ...
+
+
+def pick_device(cfg: Config, local_rank: int | None = None) -> torch.device:
+    """``train.device``: ``cuda`` (this process's local GPU), ``cpu``, or ``auto`` (CUDA when visible)."""
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device='cuda' but no CUDA device is visible")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        index = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+class SingleProcess:
+    """One process, one device: plain autograd, fused AdamW with a device-side skip (``found_inf``)."""
+
+    rank, world_size, is_main = 0, 1, True
+
+    def __init__(self, cfg: Config, local_rank: int | None = None):
+        self.cfg = cfg
+        self.device = pick_device(cfg, local_rank)
+
+    def prepare(self, model, target, optimizer) -> None:
+        self.model, self.target, self.optimizer = model, target, optimizer
+        self.grad_params = [p for p in model.parameters() if p.requires_grad]
+
+    def forward(self, images, masks):
+        return self.model(images, masks)
+
+    def target_forward(self, images):
+        return self.target(images)
+
+    def backward(self, loss, accum: int, last: bool) -> None:
+        (loss / accum).backward()
+
+    def update(self, found_inf):
+        clip = self.cfg.optim.clip_grad
+        if clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.grad_params, clip, foreach=True)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.grad_params if p.grad is not None],
+                                                      foreach=True)
+        found_inf = found_inf | ~torch.isfinite(grad_norm)
+        self.optimizer.found_inf = found_inf.float()  # fused AdamW skips the update on the device
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return found_inf, grad_norm
+
+    def ema_pairs(self):
+        return list(self.target.parameters()), list(self.model.encoder.parameters())
+
+    def all_reduce_sum(self, values):
+        return values
+
+    def any_rank(self, flag: bool) -> bool:
+        return flag
+
+    def gather_objects(self, obj) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    def checkpoint_store(self, folder: Path, keep: int) -> CheckpointStore:
+        return FileStore(folder, keep, self)
+
+    def close(self) -> None:
+        pass
+
+
+def deepspeed_wanted(cfg: Config, local_rank: int | None) -> bool:
+    """``deepspeed.enabled``: ``on``, ``off``, or ``auto`` (on under the deepspeed launcher)."""
+    if cfg.deepspeed.enabled == "auto":
+        return local_rank is not None or "LOCAL_RANK" in os.environ
+    return cfg.deepspeed.enabled == "on"
+
+
+def make_backend(cfg: Config, local_rank: int | None = None) -> ExecutionBackend:
+    """The backend this run asks for."""
+    if deepspeed_wanted(cfg, local_rank):
+        from .deepspeed_backend import DeepSpeedBackend  # DeepSpeed is optional: imported only when it runs
+
+        return DeepSpeedBackend(cfg, local_rank)
+    return SingleProcess(cfg, local_rank)
+
+
+__all__ = ["ExecutionBackend", "SingleProcess", "deepspeed_wanted", "make_backend", "pick_device"]

@@ -1,0 +1,170 @@
+"""The I-JEPA trainer: wires the components of a run and runs the loop.
+
+- the execution backend (``backend.py``: one process, or DeepSpeed ZeRO in ``deepspeed_backend.py``);
+- the models (``fastjepa.models``: online model + target encoder) and the optimizer (``fastjepa.optim``);
+- the step (``step.py``: forward, loss, backward, update, EMA);
+- the data (``fastjepa.data``: a ``BatchStream``, the torch DataLoader or DALI);
+- the checkpoints (``checkpoint.py``: one ``TrainState`` schema, save / resume / prune / target export);
+- the metrics (``metrics.py``: the logging window and the logger) and stop requests (``signals.py``).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..data import DataError, build_batch_stream, restore_stream
+from ..io.train_state import TrainState
+from ..models import build_models, compile_blocks
+from ..optim import build_optimizer
+from .backend import make_backend
+from .checkpoint import Checkpoints
+from .metrics import MetricsLogger, MetricsWindow
+from .signals import StopRequests
+from .step import TrainStep
+
+EXIT_OK, EXIT_NONFINITE, EXIT_DATA = 0, 3, 4
+
+
+class Trainer:
+    """``Trainer(cfg, output_dir, resume=False).train()`` -> exit code. ``step``: optimizer steps done."""
+
+    def __init__(self, cfg: Config, output_dir: str | Path, resume: bool = False, local_rank: int | None = None):
+        self.cfg, self.output_dir = cfg, Path(output_dir)
+        self.backend = make_backend(cfg, local_rank)
+        self.device, self.rank, self.world_size = self.backend.device, self.backend.rank, self.backend.world_size
+        self.is_main = self.backend.is_main
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.train.seed)  # every rank starts from the same weights
+        with torch.device(self.device):  # initialise on the device: a ViT-H takes seconds on a CPU
+            self.model, self.target = build_models(cfg)
+        if cfg.train.compile:
+            compile_blocks(self.model, self.target)
+        self.backend.prepare(self.model, self.target, build_optimizer(self.model, cfg.optim))
+        self.step_fn = TrainStep(cfg, self.backend, self.model.encoder.ops_backend)
+        self.checkpoints = Checkpoints(self.output_dir, self.backend, cfg.train.keep_checkpoints)
+        self.data, loader_line = build_batch_stream(cfg, self.model.encoder.grid, self.rank, self.world_size, self.device)
+        self.say(f"fastjepa: data loader: {loader_line}")
+        self.step = 0  # optimizer steps done
+        self.skipped_images = 0  # this rank's count (rank 0 also carries the resumed total)
+        self.stop = StopRequests()
+        if resume:
+            self.resume()
+
+    def say(self, text: str) -> None:
+        if self.is_main:
+            print(text, file=sys.stderr, flush=True)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.backend.optimizer
+
+    @property
+    def autocast(self):
+        return self.step_fn.autocast
+
+    @property
+    def batches(self):
+        """The torch loader's random-access batches (``batches[(epoch, step)]``), for benchmarks and tests."""
+        return self.data.batches
+
+    # ---- the step and the state -------------------------------------------------------------------
+    def train_step(self, micro_batches, want_stats: bool = False) -> dict:
+        """One optimizer step over ``grad_accum_steps`` micro-batches (device tensors back)."""
+        out = self.step_fn(self.step, micro_batches, want_stats)
+        self.step += 1
+        return out
+
+    def state(self) -> TrainState:
+        """This run's state without the weights (the checkpoint store adds them); collective under DeepSpeed."""
+        skipped = self.backend.all_reduce_sum(torch.tensor([float(self.skipped_images)], dtype=torch.float64))
+        loader_state = self.data.state_dict()
+        return TrainState(step=self.step, config=self.cfg.to_dict(), skipped_images=int(skipped.item()),
+                          skipped_steps=self.step_fn.skipped_steps.cpu(), nonfinite_run=self.step_fn.nonfinite_run.cpu(),
+                          torch_rng=torch.get_rng_state(),
+                          data=None if loader_state is None else self.backend.gather_objects(loader_state))
+
+    def save(self, final: bool = False) -> None:
+        self.checkpoints.save(self.state(), final)
+
+    def resume(self) -> None:
+        found = self.checkpoints.resume()
+        if found is None:
+            self.say(f"fastjepa: --resume found no checkpoint in {self.output_dir / 'checkpoints'}; starting from step 0")
+            return
+        state, where = found
+        self.step = state.step
+        # the saved count is the sum over ranks: rank 0 carries it on, so sums stay right on any world size
+        self.skipped_images = state.skipped_images if self.is_main else 0
+        self.step_fn.skipped_steps.copy_(torch.as_tensor(state.skipped_steps))
+        self.step_fn.nonfinite_run.copy_(torch.as_tensor(state.nonfinite_run))
+        if state.torch_rng is not None:
+            torch.set_rng_state(state.torch_rng.cpu())
+        warning = restore_stream(self.data, state.data, self.rank, self.world_size)
+        if warning:
+            self.say(f"fastjepa: {warning}")
+        self.say(f"fastjepa: resumed from {where} at step {self.step}")
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def train(self) -> int:
+        """Run to ``train.max_steps``; returns the process exit code."""
+        t = self.cfg.train
+        if self.is_main:
+            (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        accum = t.grad_accum_steps
+        batches = self.data.iterate(self.step * accum, t.max_steps * accum)
+        logger = MetricsLogger(self.output_dir, t.max_steps, self.step, enabled=self.is_main,
+                               progress=t.progress, tensorboard=t.tensorboard)
+        window = MetricsWindow(self.model, self.device)
+        # the host reads device state only every check_every steps; ranks agree on stopping as often (one rank
+        # has nobody to agree with: it stops at the first step boundary after a signal)
+        check_every = min(t.log_every, max(1, t.max_nonfinite_steps))
+        agree_every = check_every if self.world_size > 1 else 1
+        exit_code = EXIT_OK
+        try:
+            with self.stop:
+                while self.step < t.max_steps:
+                    waited = time.perf_counter()
+                    micro = [next(batches) for _ in range(accum)]
+                    wait = time.perf_counter() - waited
+                    log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
+                    out = self.train_step(micro, want_stats=log_now)
+                    self.skipped_images += sum(b.skipped for b in micro)
+                    window.add(out, micro, wait)
+                    logger.advance()
+                    if log_now:
+                        logger.log(window.record(self.step, micro[-1].epoch, out, self.backend, self.skipped_images,
+                                                 self.step_fn.skipped_steps))
+                    if self.step % check_every == 0 and int(self.step_fn.nonfinite_run) >= t.max_nonfinite_steps:
+                        self.save(final=True)
+                        logger.message(f"fastjepa: stopping: {int(self.step_fn.nonfinite_run)} non-finite steps in "
+                                       f"a row (train.max_nonfinite_steps={t.max_nonfinite_steps}); checkpoint at "
+                                       f"step {self.step}")
+                        exit_code = EXIT_NONFINITE
+                        break
+                    if self.step % agree_every == 0 and self.backend.any_rank(self.stop.signal is not None):
+                        self.save(final=True)
+                        logger.message(f"fastjepa: signal {self.stop.signal or 'on another rank'}: checkpoint saved "
+                                       f"at step {self.step}")
+                        break
+                    if self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
+                        self.save()
+                else:
+                    self.save(final=True)
+        except DataError as err:  # raised in a loader worker; its last line names the files
+            detail = str(err).strip().splitlines()[-1]
+            if self.world_size == 1 and self.step > 0:  # with several ranks a one-rank save would hang
+                self.save(final=True)
+            print(f"fastjepa: error: {detail} (stopped at step {self.step})", file=sys.stderr, flush=True)
+            exit_code = EXIT_DATA
+        finally:
+            logger.close()
+            self.data.close()
+        return exit_code
+
+
+__all__ = ["EXIT_DATA", "EXIT_NONFINITE", "EXIT_OK", "Trainer"]
