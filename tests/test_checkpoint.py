@@ -157,3 +157,40 @@ def test_resume_skips_leftover_partial_file(tmp_path, tiny, capsys):
     assert main(["--output-dir", str(tmp_path), "--resume"] + tiny + ["train.max_steps=3"]) == 0
     assert "at step 2" in capsys.readouterr().err
     assert load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))["step"] == 3
+
+
+# the keys of a single-process checkpoint as fastjepa wrote them before TrainState (commit 51fa989)
+SCHEMA_1_KEYS = {"step", "model", "target", "optimizer", "skipped_images", "skipped_steps", "nonfinite_run",
+                 "torch_rng", "data", "config"}
+
+
+def test_a_schema_1_checkpoint_resumes_exactly(tmp_path, tiny, helpers):
+    """A checkpoint in the layout written before the TrainState schema (no ``schema`` key) resumes: the
+    steps after it repeat an uninterrupted run's losses and final target encoder."""
+    args = tiny + ["train.schedule_steps=4", "optim.warmup_steps=1"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(["--output-dir", str(full), "train.max_steps=4"] + args) == 0
+    assert main(["--output-dir", str(split), "train.max_steps=2"] + args) == 0
+    path = latest_checkpoint(split / "checkpoints")
+    state = load_checkpoint(path)
+    assert set(state) - {"schema"} == SCHEMA_1_KEYS  # the schema kept its keys
+    torch.save({k: v for k, v in state.items() if k in SCHEMA_1_KEYS}, path)  # as the old trainer wrote it
+    assert main(["--output-dir", str(split), "--resume", "train.max_steps=4"] + args) == 0
+    a, b = helpers.read_metrics(full), helpers.read_metrics(split)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-6), ra["step"]
+    ta, tb = load_file(full / "target_encoder.safetensors"), load_file(split / "target_encoder.safetensors")
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], rtol=0, atol=1e-6)
+
+
+def test_an_incomplete_checkpoint_names_what_it_lacks(tmp_path):
+    from fastjepa.io.train_state import TrainState
+
+    path = torch_save(checkpoint_file(tmp_path, 3), {"step": 3, "config": {}, "model": {}})
+    with pytest.raises(CheckpointError, match="missing optimizer, target") as caught:
+        TrainState.load(path, need=("model", "optimizer", "target"))
+    assert str(path) in str(caught.value)
+    with pytest.raises(CheckpointError, match="newer fastjepa"):
+        TrainState.from_dict({"step": 1, "config": {}, "schema": 99})

@@ -1,21 +1,19 @@
 """Data for I-JEPA: image sources, transforms, and the two loaders behind one interface (``BatchStream``)."""
 from __future__ import annotations
 
+from . import dali, loader
 from .batch import Batch, BatchStream, DataError
 
 
 def build_batch_stream(cfg, grid, rank: int = 0, world_size: int = 1, device=None) -> tuple[BatchStream, str]:
     """This rank's batches as ``data.loader`` asks (``auto``: DALI when it can run, else torch), and one
     line for the log saying which loader runs and, for ``auto``, why DALI does not."""
-    from .dali import DaliBatches, choose_loader, dali_problem
-    from .loader import TorchBatches, build_batches
-
-    if choose_loader(cfg) == "dali":
-        stream = DaliBatches(cfg, grid, rank, world_size, device)
+    if dali.choose_loader(cfg) == "dali":
+        stream = dali.DaliBatches(cfg, grid, rank, world_size, device)
         return stream, stream.describe()
-    pin = device is not None and getattr(device, "type", "cpu") == "cuda"
-    stream = TorchBatches(build_batches(cfg, grid, rank, world_size), cfg.data.num_workers, pin_memory=pin)
-    why = dali_problem(cfg) if cfg.data.loader == "auto" else None
+    pin = device is not None and device.type == "cuda"
+    stream = loader.TorchBatches(loader.build_batches(cfg, grid, rank, world_size), cfg.data.num_workers, pin_memory=pin)
+    why = dali.dali_problem(cfg) if cfg.data.loader == "auto" else None
     return stream, stream.describe() + (f" ({why})" if why else "")
 
 

@@ -157,11 +157,11 @@ class DaliBatches:
         device_id = None
         if self.device.type == "cuda":
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        self._build = lambda checkpoint: build_pipeline(
-            files, labels, batch_size=self.batch_size, size=cfg.model.img_size, channels=cfg.model.in_chans,
+        self._pipeline_args = dict(
+            files=files, labels=labels, batch_size=self.batch_size, size=cfg.model.img_size, channels=cfg.model.in_chans,
             crop_scale=cfg.data.crop_scale, shard_id=rank, num_shards=world_size, seed=cfg.train.seed,
-            device_id=device_id, num_threads=max(1, cfg.data.num_workers), checkpoint=checkpoint)
-        self.pipe = self._build(None if state is None else state["pipeline"])
+            device_id=device_id, num_threads=max(1, cfg.data.num_workers))
+        self.pipe = build_pipeline(**self._pipeline_args, checkpoint=None if state is None else state["pipeline"])
         meta = self.pipe.reader_meta("Reader")
         shard = meta["epoch_size_padded"] // world_size  # every shard padded to the same count
         self.steps_per_epoch = shard // self.batch_size
@@ -228,7 +228,7 @@ class DaliBatches:
         if state is None:
             return
         del self.pipe
-        self.pipe = self._build(state["pipeline"])
+        self.pipe = build_pipeline(**self._pipeline_args, checkpoint=state["pipeline"])
         self.position = int(state["position"])
         self.pending_skipped = 0  # counted by the run that saved the state
 
