@@ -215,10 +215,10 @@ class _FailingTrainer:
 
 @pytest.mark.parametrize("error, line", [
     (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/checkpoints/step_00000010.pt"),
-     "'/runs/x/checkpoints/step_00000010.pt' no space left on the device"),
+     "no space left on the device writing '/runs/x/checkpoints/step_00000010.pt'"),
     (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), os.strerror(errno.ENOSPC)),  # a write() with no path
     (PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/runs/x/metrics.jsonl"),
-     "'/runs/x/metrics.jsonl' permission denied"),
+     "permission denied: '/runs/x/metrics.jsonl'"),
     (ModuleNotFoundError("No module named 'tensorboard'", name="tensorboard"),
      "this needs the Python package 'tensorboard', which is not installed"),
 ])

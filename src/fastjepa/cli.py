@@ -34,17 +34,17 @@ class StartupError(Exception):
     """A check at start-up that failed on the user's input (data, masks, devices); the message says which."""
 
 
-# errno -> what the path's problem is, for OSErrors a user can fix; any other errno is treated as a bug
+# errno -> the line for a path with that problem, for OSErrors a user can fix; any other errno is a bug
 PATH_PROBLEMS = {
-    errno.ENOENT: "does not exist",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.EROFS: "is on a read-only file system",
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.ENOTDIR: "is not a folder",
-    errno.EEXIST: "already exists",
-    errno.EISDIR: "is a folder, not a file",
+    errno.ENOENT: "'{path}' does not exist",
+    errno.EACCES: "permission denied: '{path}'",
+    errno.EPERM: "operation not permitted: '{path}'",
+    errno.EROFS: "'{path}' is on a read-only file system",
+    errno.ENOSPC: "no space left on the device writing '{path}'",
+    errno.EDQUOT: "disk quota exceeded writing '{path}'",
+    errno.ENOTDIR: "'{path}' is not a folder",
+    errno.EEXIST: "'{path}' already exists",
+    errno.EISDIR: "'{path}' is a folder, not a file",
 }
 
 
@@ -55,15 +55,13 @@ def describe_os_error(err: OSError) -> str | None:
     if err.filename is None:  # raised by our own code with a message, or a write() that hit a full disk
         return err.strerror if str(err).startswith("[Errno") and err.strerror else str(err)
     path = Path(os.fsdecode(err.filename))
-    problem = PATH_PROBLEMS[err.errno]
-    if err.errno == errno.ENOTDIR:
+    if err.errno in (errno.ENOTDIR, errno.EEXIST):
         blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
-        if blocker is not None and blocker != path:
+        if blocker is not None and blocker != path and err.errno == errno.ENOTDIR:
             return f"'{path}': '{blocker}' is a file, not a folder"
-        problem = "is a file, not a folder" if blocker == path else problem
-    elif err.errno == errno.EEXIST and path.exists() and not path.is_dir():
-        problem = "is a file, not a folder"
-    return f"'{path}' {problem}"
+        if blocker == path:
+            return f"'{path}' is a file, not a folder"
+    return PATH_PROBLEMS[err.errno].format(path=path)
 
 
 FIRST_PARTY = ("fastjepa", "fastjepa_kernels")  # a module of ours that is missing is a bug, not the user's
