@@ -28,6 +28,7 @@ ALLOWED = {
     "io": {"config", "models", "optim"},
     "train": {"config", "masks", "models", "data", "io"} | LEAVES,
     "eval": {"config", "data", "models", "io"},
+    "export": {"config", "models", "io", "train"},  # `fastjepa export`: run folders and ZeRO-3 shards -> one encoder
     **{leaf: set() for leaf in LEAVES},
 }
 TOP = {"__init__", "__main__", "cli"}  # the package's faces: they may import anything

@@ -469,9 +469,9 @@ def test_block_size_formula_scripted_u():
     "cfg, grid",
     [
         (MaskConfig(min_keep=10), (3, 3)),  # min_keep > number of patches
-        (MaskConfig(min_keep=0), (16, 16)),
+        (MaskConfig.model_construct(min_keep=0), (16, 16)),  # the config rejects it; the sampler checks too
         (MaskConfig(), (7, 7)),  # default targets on 7x7 are 2x3 = 6 < min_keep 10
-        (MaskConfig(num_targets=0), (16, 16)),
+        (MaskConfig.model_construct(num_targets=0), (16, 16)),
         (MaskConfig(min_keep=60), (16, 16)),  # official target blocks hold at most ~54 tokens
     ],
 )

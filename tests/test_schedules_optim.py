@@ -1,5 +1,5 @@
 """Schedules vs the formulas of facebookresearch/ijepa ``src/utils/schedulers.py`` and ``train.py``
-(re-derived below), AdamW parameter groups, and the configuration loader.
+(re-derived below) and AdamW parameter groups (the configuration loader: tests/test_config.py).
 
 The official schedulers count ``_step`` from 1 on their first ``step()`` call; fastjepa's schedule at
 step ``s`` is the official value after ``s`` calls (so step 0 is the start value). ipe_scale is 1.0 in
@@ -7,9 +7,7 @@ the ViT-H/14 config, so T_max = the run length.
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastjepa import schedules
-from fastjepa.config import Config, ConfigError, OptimConfig, apply_overrides, build_config, load_config
+from fastjepa.config import OptimConfig
 from fastjepa.optim import build_optimizer, param_groups, set_hyperparameters
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,134 +167,3 @@ def test_no_decay_params_are_not_shrunk():
             assert torch.equal(p.detach(), before[name]), name
         else:
             torch.testing.assert_close(p.detach(), before[name] * (1 - 0.1 * 0.4), atol=1e-7, rtol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------------
-# configuration
-# ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("override, unknown, wanted", [
-    ("optim.lrr=0.1", "optim.lrr", "optim.lr"),
-    ("trian.seed=1", "trian", "train"),  # an unknown section is named as such
-    ("model.embed_dims=64", "model.embed_dims", "model.embed_dim"),
-    ("mask.num_target=2", "mask.num_target", "mask.num_targets"),
-    ("train.batchsize=8", "train.batchsize", "train.batch_size"),
-])
-def test_unknown_key_names_closest(override, unknown, wanted):
-    with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
-    msg = str(err.value)
-    assert f"'{unknown}'" in msg
-    assert f"did you mean '{wanted}'" in msg
-
-
-def test_overrides_parse_json():
-    cfg = load_config(None, [
-        "optim.lr=5e-4", "train.batch_size=16", "mask.target_scale=[0.1, 0.2]", "mask.allow_overlap=true",
-        "data.root=/data/in1k", "model.arch=base", "optim.clip_grad=null", 'train.precision="fp32"',
-    ])
-    assert cfg.optim.lr == 5e-4 and isinstance(cfg.optim.lr, float)
-    assert cfg.train.batch_size == 16
-    assert tuple(cfg.mask.target_scale) == (0.1, 0.2)
-    assert cfg.mask.allow_overlap is True
-    assert cfg.data.root == "/data/in1k"
-    assert cfg.model.arch == "base"
-    assert cfg.optim.clip_grad is None
-    assert cfg.train.precision == "fp32"
-    raw = apply_overrides({"train": {"seed": 3}}, ["train.max_steps=7"])
-    assert raw == {"train": {"seed": 3, "max_steps": 7}}
-
-
-@pytest.mark.parametrize("override, key", [
-    ("train.batch_size=0", "batch_size"),
-    ("mask.target_scale=[0.3, 0.2]", "target_scale"),
-    ("model.arch=\"hughe\"", "arch"),
-    ("optim.ema_momentum=[0.9, 1.2]", "ema_momentum"),
-    ("deepspeed.zero_stage=4", "zero_stage"),
-    ("train.precision=fp16", "precision"),
-    ("model.img_size=225", "model"),
-])
-def test_bad_values_name_the_key(override, key):
-    with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
-    assert key in str(err.value)
-
-
-def test_malformed_overrides_and_files(tmp_path):
-    with pytest.raises(ConfigError):
-        load_config(None, ["optim.lr"])
-    with pytest.raises(ConfigError):
-        load_config(None, ["train.seed.x=1"])
-    with pytest.raises(ConfigError):
-        load_config(tmp_path / "missing.json")
-    bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
-    with pytest.raises(ConfigError) as err:
-        load_config(bad)
-    assert "bad.json" in str(err.value)
-    nested = tmp_path / "nested.json"
-    nested.write_text(json.dumps({"optim": {"lr": 1e-3, "warmup": 5}}))
-    with pytest.raises(ConfigError) as err:
-        load_config(nested)
-    assert "optim.warmup" in str(err.value) and "optim.warmup_steps" in str(err.value)
-
-
-def test_defaults_are_the_official_recipe():
-    c = Config()
-    assert (c.optim.lr, c.optim.start_lr, c.optim.final_lr) == (1e-3, 2e-4, 1e-6)
-    assert (c.optim.weight_decay, c.optim.final_weight_decay) == (0.04, 0.4)
-    assert tuple(c.optim.ema_momentum) == (0.996, 1.0)
-    assert tuple(c.optim.betas) == (0.9, 0.999) and c.optim.clip_grad is None
-    assert (c.model.arch, c.model.patch_size, c.model.img_size, c.model.pred_depth, c.model.pred_embed_dim) == (
-        "huge", 14, 224, 12, 384)
-    m = c.mask
-    assert (m.num_targets, tuple(m.target_scale), tuple(m.target_aspect), tuple(m.context_scale), m.min_keep,
-            m.allow_overlap) == (4, (0.15, 0.2), (0.75, 1.5), (0.85, 1.0), 10, False)
-    assert tuple(c.data.crop_scale) == (0.3, 1.0) and c.train.batch_size == 128
-
-
-CONFIG_FILES = sorted((REPO / "src" / "fastjepa" / "configs").glob("*.json"))
-
-
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
-def test_config_files_load(path):
-    cfg = load_config(path)
-    raw = json.loads(path.read_text())
-    # every value in the file made it into the typed config ("_" keys are documented comments)
-    dumped = cfg.to_dict()
-    for section, values in raw.items():
-        if section.startswith("_"):
-            continue
-        for key, value in values.items():
-            if key.startswith("_"):
-                continue
-            got = dumped[section][key]
-            assert (list(got) if isinstance(got, (list, tuple)) else got) == value, f"{section}.{key}"
-    # and survives a round trip
-    assert build_config(json.loads(json.dumps(dumped))) == cfg
-
-
-def test_underscore_keys_are_comments_but_typos_are_not():
-    cfg = build_config({"_comment": "x", "optim": {"_why": "y", "lr": 3e-4}})
-    assert cfg.optim.lr == 3e-4
-    with pytest.raises(ConfigError):
-        build_config({"optim": {"lr_": 3e-4}})
-
-
-def test_vith14_config_is_the_official_recipe():
-    """configs/vith14.json vs in1k_vith14_ep300.yaml: 300 epochs, 40 warmup, batch 128 x 16 GPUs."""
-    path = REPO / "src" / "fastjepa" / "configs" / "vith14.json"
-    cfg = load_config(path)
-    ipe = 1_281_167 // (128 * 16)  # the official loader drops the last partial batch
-    assert ipe == 625
-    assert cfg.train.max_steps == 300 * ipe and cfg.optim.warmup_steps == 40 * ipe
-    assert cfg.train.batch_size == 128 and cfg.train.precision == "bf16" and cfg.train.loss == "smooth_l1"
-    assert (cfg.model.arch, cfg.model.patch_size, cfg.model.img_size) == ("huge", 14, 224)
-    assert (cfg.model.pred_depth, cfg.model.pred_embed_dim, cfg.model.pred_num_heads or 16) == (12, 384, 16)
-    assert cfg.mask == Config().mask and cfg.optim.clip_grad is None
-    assert (cfg.optim.lr, cfg.optim.start_lr, cfg.optim.final_lr) == (1e-3, 2e-4, 1e-6)
-    assert (cfg.optim.weight_decay, cfg.optim.final_weight_decay, tuple(cfg.optim.ema_momentum)) == (0.04, 0.4, (0.996, 1.0))
-    assert tuple(cfg.data.crop_scale) == (0.3, 1.0)
-
-
-def test_some_config_file_exists():
-    assert CONFIG_FILES, "configs/*.json should hold at least the demo config"
