@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, batch_summary, global_batch_warning
 from ..data import DataError, build_batch_stream, restore_stream
 from ..io.train_state import TrainState
 from ..models import build_models, compile_blocks
@@ -49,6 +49,9 @@ class Trainer:
         self.checkpoints = Checkpoints(self.output_dir, self.backend, cfg.train.keep_checkpoints)
         self.data, loader_line = build_batch_stream(cfg, self.model.encoder.grid, self.rank, self.world_size, self.device)
         self.say(f"fastjepa: data loader: {loader_line}")
+        self.say(batch_summary(cfg, self.world_size, self.data.steps_per_epoch))
+        if (warning := global_batch_warning(cfg, self.world_size)) is not None:
+            self.say(warning)
         self.step = 0  # optimizer steps done
         self.skipped_images = 0  # this rank's count (rank 0 also carries the resumed total)
         self.stop = StopRequests()
