@@ -18,6 +18,8 @@ import json
 import os
 import sys
 
+from ._backend import interpreting
+
 # shared memory per block, bytes (CUDA programming guide, "Technical Specifications per Compute Capability")
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 KERNEL_MODULES = ("attention", "gather", "target_loss", "ema")
@@ -104,7 +106,7 @@ def _compile_indexed(job) -> AotResult:
 
 def compile_all(archs=(80, 90), only: str | None = None, jobs: int = 1) -> list[AotResult]:
     """Compile every collected variant (name containing ``only``) for every arch, ``jobs`` processes."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         raise RuntimeError("fastjepa_kernels.aot: unset TRITON_INTERPRET (the interpreter cannot compile kernels)")
     specs = collect_specs()
     work = [(i, arch) for arch in archs for i, s in enumerate(specs) if only is None or only in s.name]
