@@ -22,6 +22,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def debugging() -> bool:
+    """``FASTJEPA_KERNELS_DEBUG=1``: the ops check what they otherwise trust the caller with (packing,
+    index ranges, unique indices), with host syncs. Off by default: no cost."""
+    return os.environ.get("FASTJEPA_KERNELS_DEBUG", "0") not in ("", "0")
+
+
 def use_triton(op: str, backend: str, tensors, dtypes=TRITON_DTYPES, reference: str = "reference",
                supported: bool = True, auto_takes_kernel: bool = True) -> bool:
     """True for the Triton path of ``op``. ``auto``: Triton when it is installed, every tensor is on CUDA
@@ -46,4 +52,4 @@ def use_triton(op: str, backend: str, tensors, dtypes=TRITON_DTYPES, reference: 
     return True
 
 
-__all__ = ["TRITON_AVAILABLE", "TRITON_DTYPES", "interpreting", "use_triton"]
+__all__ = ["TRITON_AVAILABLE", "TRITON_DTYPES", "debugging", "interpreting", "use_triton"]

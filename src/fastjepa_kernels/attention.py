@@ -82,7 +82,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ._backend import TRITON_DTYPES, interpreting, use_triton
+from ._backend import TRITON_DTYPES, debugging, interpreting, use_triton
 
 try:
     import triton
@@ -140,7 +140,7 @@ _INTERPRETING = interpreting()  # fixed when the kernels are decorated
 # Tests set this to allocate every output with NaN, so an element a kernel fails to write shows up.
 POISON_OUTPUTS = os.environ.get("FASTJEPA_KERNELS_POISON", "0") not in ("", "0")
 # Check cu_seqlens against the tokens and max_seqlen on every launch (host syncs; debugging only).
-DEBUG = os.environ.get("FASTJEPA_KERNELS_DEBUG", "0") not in ("", "0")
+DEBUG = debugging()
 
 
 def head_dim_chunks(dim: int) -> tuple[int, int]:
