@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo
 
 pytest.importorskip("triton")
 
@@ -273,14 +274,20 @@ def test_torch_compile_fullgraph():
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(2, 5, 24, generator=gen).to(DEVICE).requires_grad_()
     pos = torch.randn(5, 24, generator=gen).to(DEVICE)
-    index = torch.tensor([9, 0, 3, 3, 7], dtype=torch.int32, device=DEVICE)
+    torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
-    loss = compiled(x, pos, index)
-    (gx,) = torch.autograd.grad(loss, x)
-    eager = step(x, pos, index)
-    (ex,) = torch.autograd.grad(eager, x)
-    torch.testing.assert_close(loss, eager)
-    torch.testing.assert_close(gx, ex)
+    # a new token count every step (packed masks): after dynamo's one automatic-dynamic recompile on the
+    # second count, further counts must not compile again
+    for i, count in enumerate((5, 7, 9, 4)):
+        idx = torch.tensor([9, 0, 3, 3, 7, 1, 8, 2, 6][:count], dtype=torch.int32, device=DEVICE)
+        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
+            loss = compiled(x, pos, idx)
+        (gx,) = torch.autograd.grad(loss, x)
+        eager = step(x, pos, idx)
+        (ex,) = torch.autograd.grad(eager, x)
+        torch.testing.assert_close(loss, eager)
+        torch.testing.assert_close(gx, ex)
+    torch._dynamo.reset()
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the range check runs on CPU tensors only (no host sync on CUDA)")
