@@ -259,7 +259,7 @@ def test_varlen_attention(benchmark, bench_tools, shape, provider, mode):
     benchmark.extra_info.update(info)
 
 
-@pytest.mark.parametrize("candidate", [0, 1])
+@pytest.mark.parametrize("candidate", [0, 1, 2])
 @pytest.mark.parametrize("kernel", ["fwd", "dq", "dkdv"])
 @pytest.mark.parametrize("shape", ["context", "predictor"])
 def test_attention_config_candidates(benchmark, bench_tools, shape, kernel, candidate):

@@ -129,19 +129,35 @@ def test_forward_and_gradients_match_fp64(dim, dtype):
     assert_close_to_fp64(got, reference_fp64(qkv, dout, lengths), sdpa, dtype, f"lengths={lengths}")
 
 
+@pytest.mark.parametrize("candidate", [1, 2], ids=["wider-blocks", "two-heads-per-program"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
-def test_every_candidate_config(dtype):
-    """The default cases run the table's configuration; this one runs the other candidate of every
+def test_every_candidate_config(dtype, candidate):
+    """The default cases run the table's configuration; this one runs each other candidate of every
     kernel (CUDA too), on a sequence of 130 tokens (three 64-row tiles, a 128-key block that is partly
-    padding), so a configuration the benchmarks may promote into the table is already proven."""
+    padding) with 2 heads, so a configuration the benchmarks may promote into the table is proven."""
     lengths = [130, 1, 37]
-    qkv, dout = random_case(lengths, 1, 80, dtype, seed=11)
-    with attn.override_configs(**{name: attn.CANDIDATES[name][1] for name in attn.KERNELS}):
-        assert attn.launch_config(qkv[:, 0]) == attn.AttentionConfig(*(attn.CANDIDATES[n][1] for n in attn.KERNELS))
+    dim = 80 if candidate == 1 else 24
+    qkv, dout = random_case(lengths, 2, dim, dtype, seed=11)
+    picked = attn.AttentionConfig(*(attn.CANDIDATES[n][candidate] for n in attn.KERNELS))
+    with attn.override_configs(**{name: getattr(picked, name) for name in attn.KERNELS}):
+        assert attn.launch_config(qkv[:, 0]) == picked
         got = run_unpacked(qkv, dout, lengths, "triton")
-    assert attn.launch_config(qkv[:, 0]) == attn.config_for(attn._arch(0) if CUDA else None, 80, dtype)
+    assert attn.launch_config(qkv[:, 0]) == attn.config_for(attn._arch(0) if CUDA else None, dim, dtype)
     sdpa = run_unpacked(qkv, dout, lengths, "sdpa")
     assert_close_to_fp64(got, reference_fp64(qkv, dout, lengths), sdpa, dtype)
+    if candidate == 2 and not CUDA:  # per head the same maths in the same order as one head per program
+        assert all(torch.equal(a, b) for a, b in zip(got, run_unpacked(qkv, dout, lengths, "triton")))
+
+
+def test_heads_per_program_falls_back_when_heads_do_not_divide():
+    """Three heads with a two-heads-per-program configuration run one head per program: every head is
+    computed (NaN-poisoned outputs), exactly as with the default configuration."""
+    lengths = [20, 45]
+    qkv, dout = random_case(lengths, 3, 24, torch.bfloat16, seed=13)
+    two = {name: attn.CANDIDATES[name][2] for name in attn.KERNELS}
+    with attn.override_configs(**two):
+        got = run_packed(qkv, dout, lengths, "triton")
+    assert all(torch.equal(a, b) for a, b in zip(got, run_packed(qkv, dout, lengths, "triton")))
 
 
 @pytest.mark.parametrize("dim", [24, 80])
@@ -458,6 +474,7 @@ def test_fixed_configurations():
     for (arch, dim, dtype), config in attn.CONFIG_TABLE.items():
         assert dim in attn.AOT_HEAD_DIMS and dtype in (torch.bfloat16, torch.float16)
         assert all(getattr(config, name) in attn.CANDIDATES[name] for name in attn.KERNELS), (arch, dim, dtype)
+        assert dim <= attn.MULTI_HEAD_MAX_DIM or all(getattr(config, n).heads == 1 for n in attn.KERNELS)
     assert attn.config_for(9, 80, torch.float32) == attn.FP32_CONFIG
     assert attn.config_for(12, 40, torch.bfloat16) == attn.DEFAULT_16BIT  # unlisted: the default
     with pytest.raises(ValueError, match="not among the compiled candidates"):

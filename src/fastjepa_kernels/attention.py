@@ -165,15 +165,18 @@ def _supported_head_dim(dim: int) -> bool:
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """One launch configuration. ``inner``: the key block (``BLOCK_N``) of the forward and dQ loops, the
-    query block (``BLOCK_M``) of the dK/dV loop; the outer tile is always :data:`TILE` rows."""
+    query block (``BLOCK_M``) of the dK/dV loop; the outer tile is always :data:`TILE` rows. ``heads``:
+    heads per program, unrolled (1 when the head count is not a multiple); each head's maths and
+    summation order are the same whatever the value."""
 
     inner: int
     num_warps: int = 4
     num_stages: int = 3
+    heads: int = 1
 
     @property
     def label(self) -> str:
-        return f"{self.inner},w{self.num_warps},s{self.num_stages}"
+        return f"{self.inner},w{self.num_warps},s{self.num_stages}" + (f",h{self.heads}" if self.heads > 1 else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,11 +191,15 @@ KERNELS = ("fwd", "dq", "dkdv")
 # (benchmarks/test_kernels_attention.py::test_attention_config_candidates). ``fastjepa_kernels.aot``
 # compiles each for sm_80 and sm_90. Shared memory at d = 128, bf16 (AOT, sm_90): forward 112 KB (64-key
 # blocks, 3 stages) / 144 KB (128-key, 2 stages); dQ 80 / 96 KB; dK/dV 80 / 96 KB; on sm_80 every one
-# is <= 96 KB, so each also fits the 99 KB of sm_86/sm_89.
+# is <= 96 KB, so each also fits the 99 KB of sm_86/sm_89. The two-heads-per-program variants are for
+# the predictor's d = 24 (~154-token sequences, latency-bound: 38 TFLOP/s forward on an H100, 5.5 % of
+# the measured GEMM rate; benchmarks/results/h100-sxm-2026-11-28-5c15091.json) and wait for a device
+# check to show whether they win there (compiled AOT for head dims <= MULTI_HEAD_MAX_DIM only).
+MULTI_HEAD_MAX_DIM = 32
 CANDIDATES = {
-    "fwd": (KernelConfig(64, 4, 3), KernelConfig(128, 4, 2)),
-    "dq": (KernelConfig(32, 4, 3), KernelConfig(64, 4, 2)),
-    "dkdv": (KernelConfig(32, 4, 3), KernelConfig(64, 4, 2)),
+    "fwd": (KernelConfig(64, 4, 3), KernelConfig(128, 4, 2), KernelConfig(64, 4, 3, heads=2)),
+    "dq": (KernelConfig(32, 4, 3), KernelConfig(64, 4, 2), KernelConfig(32, 4, 3, heads=2)),
+    "dkdv": (KernelConfig(32, 4, 3), KernelConfig(64, 4, 2), KernelConfig(32, 4, 3, heads=2)),
 }
 # fp32 (ieee dots, no tensor cores) is for tests and references, not for speed: small tiles everywhere.
 FP32_CONFIG = AttentionConfig(KernelConfig(32, 4, 2), KernelConfig(32, 4, 2), KernelConfig(32, 4, 2))
@@ -322,54 +329,58 @@ if triton is not None:
         total_tokens, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HEADS_PER_PROGRAM: tl.constexpr,
     ):
-        """One (sequence, 64-query tile, head): ``O = softmax(Q K^T * scale) V`` and ``LSE`` (base 2).
+        """One (sequence, 64-query tile, head or heads): ``O = softmax(Q K^T * scale) V`` and ``LSE`` (base 2).
 
         ``qk_scale = softmax_scale * log2(e)``, so ``exp2(qk_scale * s) = exp(softmax_scale * s)``.
         FA2 forward (Dao 2023, arXiv:2307.08691, Algorithm 1) with the running max and sum per row."""
         start, seqlen, tile = _tile_of_program(CU_SEQLENS, TILES)
-        head = tl.program_id(1)
-        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < seqlen
-        rows_q = start + offs_m
-        q_base = _head(Q, head, stride_qh)
-        k_base = _head(K, head, stride_kh)
-        v_base = _head(V, head, stride_vh)
-        q0 = _load_rows(q_base, rows_q, m_ok, stride_qt, 0, BLOCK_D0, HEAD_DIM)
-        acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
-        if BLOCK_D1 > 0:
-            q1 = _load_rows(q_base, rows_q, m_ok, stride_qt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-            acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for n0 in range(0, _loop_end(seqlen), BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < seqlen
-            rows_k = start + offs_n
-            k0 = _load_rows(k_base, rows_k, n_ok, stride_kt, 0, BLOCK_D0, HEAD_DIM)
-            s = _mm(q0, tl.trans(k0), DOT_PRECISION)
+        # one program runs HEADS_PER_PROGRAM heads of its (sequence, tile), unrolled: the table lookup
+        # is shared and one head's loads can overlap another's maths (short sequences are latency-bound)
+        for head_in_program in tl.static_range(HEADS_PER_PROGRAM):
+            head = tl.program_id(1) * HEADS_PER_PROGRAM + head_in_program
+            offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < seqlen
+            rows_q = start + offs_m
+            q_base = _head(Q, head, stride_qh)
+            k_base = _head(K, head, stride_kh)
+            v_base = _head(V, head, stride_vh)
+            q0 = _load_rows(q_base, rows_q, m_ok, stride_qt, 0, BLOCK_D0, HEAD_DIM)
+            acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
             if BLOCK_D1 > 0:
-                k1 = _load_rows(k_base, rows_k, n_ok, stride_kt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-                s = _mm_acc(q1, tl.trans(k1), s, DOT_PRECISION)
-            # every key block starts inside the sequence, so each row has a finite maximum
-            s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v0 = _load_rows(v_base, rows_k, n_ok, stride_vt, 0, BLOCK_D0, HEAD_DIM)
-            acc0 = _mm_acc(p.to(v0.dtype), v0, acc0 * alpha[:, None], DOT_PRECISION)
+                q1 = _load_rows(q_base, rows_q, m_ok, stride_qt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for n0 in range(0, _loop_end(seqlen), BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < seqlen
+                rows_k = start + offs_n
+                k0 = _load_rows(k_base, rows_k, n_ok, stride_kt, 0, BLOCK_D0, HEAD_DIM)
+                s = _mm(q0, tl.trans(k0), DOT_PRECISION)
+                if BLOCK_D1 > 0:
+                    k1 = _load_rows(k_base, rows_k, n_ok, stride_kt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                    s = _mm_acc(q1, tl.trans(k1), s, DOT_PRECISION)
+                # every key block starts inside the sequence, so each row has a finite maximum
+                s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v0 = _load_rows(v_base, rows_k, n_ok, stride_vt, 0, BLOCK_D0, HEAD_DIM)
+                acc0 = _mm_acc(p.to(v0.dtype), v0, acc0 * alpha[:, None], DOT_PRECISION)
+                if BLOCK_D1 > 0:
+                    v1 = _load_rows(v_base, rows_k, n_ok, stride_vt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                    acc1 = _mm_acc(p.to(v1.dtype), v1, acc1 * alpha[:, None], DOT_PRECISION)
+                m_i = m_new
+            l_i = tl.where(l_i > 0.0, l_i, 1.0)  # 0 only in programs past the real tiles (nothing stored)
+            inv_l = 1.0 / l_i
+            o_base = _head(O, head, stride_oh)
+            _store_rows(o_base, acc0 * inv_l[:, None], rows_q, m_ok, stride_ot, 0, BLOCK_D0, HEAD_DIM)
             if BLOCK_D1 > 0:
-                v1 = _load_rows(v_base, rows_k, n_ok, stride_vt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-                acc1 = _mm_acc(p.to(v1.dtype), v1, acc1 * alpha[:, None], DOT_PRECISION)
-            m_i = m_new
-        l_i = tl.where(l_i > 0.0, l_i, 1.0)  # 0 only in programs past the real tiles (nothing stored)
-        inv_l = 1.0 / l_i
-        o_base = _head(O, head, stride_oh)
-        _store_rows(o_base, acc0 * inv_l[:, None], rows_q, m_ok, stride_ot, 0, BLOCK_D0, HEAD_DIM)
-        if BLOCK_D1 > 0:
-            _store_rows(o_base, acc1 * inv_l[:, None], rows_q, m_ok, stride_ot, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-        tl.store(LSE + head * total_tokens + rows_q, m_i + tl.math.log2(l_i), mask=m_ok)
+                _store_rows(o_base, acc1 * inv_l[:, None], rows_q, m_ok, stride_ot, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+            tl.store(LSE + head * total_tokens + rows_q, m_i + tl.math.log2(l_i), mask=m_ok)
 
     @triton.jit
     def _attention_bwd_dq_kernel(
@@ -379,58 +390,62 @@ if triton is not None:
         total_tokens, qk_scale, softmax_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HEADS_PER_PROGRAM: tl.constexpr,
     ):
         """One (sequence, 64-query tile, head): ``delta = rowsum(dO * O)`` (stored for the dK/dV pass) and
         ``dQ = scale * sum_j dS_j K_j`` with ``P = exp2(S' - LSE)``, ``dS = P * (dO V^T - delta)``
         (FA2 backward, Dao 2023, Algorithm 2)."""
         start, seqlen, tile = _tile_of_program(CU_SEQLENS, TILES)
-        head = tl.program_id(1)
-        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < seqlen
-        rows_q = start + offs_m
-        q_base = _head(Q, head, stride_qh)
-        k_base = _head(K, head, stride_kh)
-        v_base = _head(V, head, stride_vh)
-        do_base = _head(DO, head, stride_doh)
-        o_base = _head(O, head, stride_oh)
-        q0 = _load_rows(q_base, rows_q, m_ok, stride_qt, 0, BLOCK_D0, HEAD_DIM)
-        do0 = _load_rows(do_base, rows_q, m_ok, stride_dot, 0, BLOCK_D0, HEAD_DIM)
-        o0 = _load_rows(o_base, rows_q, m_ok, stride_ot, 0, BLOCK_D0, HEAD_DIM)
-        delta = tl.sum(do0.to(tl.float32) * o0.to(tl.float32), 1)
-        dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
-        if BLOCK_D1 > 0:
-            q1 = _load_rows(q_base, rows_q, m_ok, stride_qt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-            do1 = _load_rows(do_base, rows_q, m_ok, stride_dot, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-            o1 = _load_rows(o_base, rows_q, m_ok, stride_ot, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-            delta += tl.sum(do1.to(tl.float32) * o1.to(tl.float32), 1)
-            dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
-        tl.store(DELTA + head * total_tokens + rows_q, delta, mask=m_ok)
-        lse = tl.load(LSE + head * total_tokens + rows_q, mask=m_ok, other=0.0)
-        for n0 in range(0, _loop_end(seqlen), BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < seqlen
-            rows_k = start + offs_n
-            k0 = _load_rows(k_base, rows_k, n_ok, stride_kt, 0, BLOCK_D0, HEAD_DIM)
-            v0 = _load_rows(v_base, rows_k, n_ok, stride_vt, 0, BLOCK_D0, HEAD_DIM)
-            s = _mm(q0, tl.trans(k0), DOT_PRECISION)
-            dp = _mm(do0, tl.trans(v0), DOT_PRECISION)
+        # one program runs HEADS_PER_PROGRAM heads of its (sequence, tile), unrolled: the table lookup
+        # is shared and one head's loads can overlap another's maths (short sequences are latency-bound)
+        for head_in_program in tl.static_range(HEADS_PER_PROGRAM):
+            head = tl.program_id(1) * HEADS_PER_PROGRAM + head_in_program
+            offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < seqlen
+            rows_q = start + offs_m
+            q_base = _head(Q, head, stride_qh)
+            k_base = _head(K, head, stride_kh)
+            v_base = _head(V, head, stride_vh)
+            do_base = _head(DO, head, stride_doh)
+            o_base = _head(O, head, stride_oh)
+            q0 = _load_rows(q_base, rows_q, m_ok, stride_qt, 0, BLOCK_D0, HEAD_DIM)
+            do0 = _load_rows(do_base, rows_q, m_ok, stride_dot, 0, BLOCK_D0, HEAD_DIM)
+            o0 = _load_rows(o_base, rows_q, m_ok, stride_ot, 0, BLOCK_D0, HEAD_DIM)
+            delta = tl.sum(do0.to(tl.float32) * o0.to(tl.float32), 1)
+            dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
             if BLOCK_D1 > 0:
-                k1 = _load_rows(k_base, rows_k, n_ok, stride_kt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-                v1 = _load_rows(v_base, rows_k, n_ok, stride_vt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-                s = _mm_acc(q1, tl.trans(k1), s, DOT_PRECISION)
-                dp = _mm_acc(do1, tl.trans(v1), dp, DOT_PRECISION)
-            # padded keys (score 0: zero K rows) must get P = 0: exp2(0 - lse) overflows to inf once lse
-            # is very negative (every real score far below 0), and inf * 0 in ds @ K would make the
-            # whole dQ row NaN. (In the dK/dV pass padded queries read lse = +inf, so P = 0 there.)
-            p = tl.math.exp2(tl.where(n_ok[None, :], s * qk_scale - lse[:, None], float("-inf")))
-            ds = (p * (dp - delta[:, None])).to(k0.dtype)
-            dq0 = _mm_acc(ds, k0, dq0, DOT_PRECISION)
+                q1 = _load_rows(q_base, rows_q, m_ok, stride_qt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                do1 = _load_rows(do_base, rows_q, m_ok, stride_dot, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                o1 = _load_rows(o_base, rows_q, m_ok, stride_ot, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                delta += tl.sum(do1.to(tl.float32) * o1.to(tl.float32), 1)
+                dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+            tl.store(DELTA + head * total_tokens + rows_q, delta, mask=m_ok)
+            lse = tl.load(LSE + head * total_tokens + rows_q, mask=m_ok, other=0.0)
+            for n0 in range(0, _loop_end(seqlen), BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < seqlen
+                rows_k = start + offs_n
+                k0 = _load_rows(k_base, rows_k, n_ok, stride_kt, 0, BLOCK_D0, HEAD_DIM)
+                v0 = _load_rows(v_base, rows_k, n_ok, stride_vt, 0, BLOCK_D0, HEAD_DIM)
+                s = _mm(q0, tl.trans(k0), DOT_PRECISION)
+                dp = _mm(do0, tl.trans(v0), DOT_PRECISION)
+                if BLOCK_D1 > 0:
+                    k1 = _load_rows(k_base, rows_k, n_ok, stride_kt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                    v1 = _load_rows(v_base, rows_k, n_ok, stride_vt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                    s = _mm_acc(q1, tl.trans(k1), s, DOT_PRECISION)
+                    dp = _mm_acc(do1, tl.trans(v1), dp, DOT_PRECISION)
+                # padded keys (score 0: zero K rows) must get P = 0: exp2(0 - lse) overflows to inf once lse
+                # is very negative (every real score far below 0), and inf * 0 in ds @ K would make the
+                # whole dQ row NaN. (In the dK/dV pass padded queries read lse = +inf, so P = 0 there.)
+                p = tl.math.exp2(tl.where(n_ok[None, :], s * qk_scale - lse[:, None], float("-inf")))
+                ds = (p * (dp - delta[:, None])).to(k0.dtype)
+                dq0 = _mm_acc(ds, k0, dq0, DOT_PRECISION)
+                if BLOCK_D1 > 0:
+                    dq1 = _mm_acc(ds, k1, dq1, DOT_PRECISION)
+            dq_base = _head(DQ, head, stride_dqh)
+            _store_rows(dq_base, dq0 * softmax_scale, rows_q, m_ok, stride_dqt, 0, BLOCK_D0, HEAD_DIM)
             if BLOCK_D1 > 0:
-                dq1 = _mm_acc(ds, k1, dq1, DOT_PRECISION)
-        dq_base = _head(DQ, head, stride_dqh)
-        _store_rows(dq_base, dq0 * softmax_scale, rows_q, m_ok, stride_dqt, 0, BLOCK_D0, HEAD_DIM)
-        if BLOCK_D1 > 0:
-            _store_rows(dq_base, dq1 * softmax_scale, rows_q, m_ok, stride_dqt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                _store_rows(dq_base, dq1 * softmax_scale, rows_q, m_ok, stride_dqt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
 
     @triton.jit
     def _attention_bwd_dkdv_kernel(
@@ -440,60 +455,64 @@ if triton is not None:
         total_tokens, qk_scale, softmax_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HEADS_PER_PROGRAM: tl.constexpr,
     ):
         """One (sequence, 64-key tile, head): ``dV = sum_i P_i^T dO_i`` and ``dK = scale * sum_i dS_i^T Q_i``,
         computed transposed (``P^T = exp2(K Q^T * qk_scale - LSE)``) so rows stay keys (FA2 Algorithm 2)."""
         start, seqlen, tile = _tile_of_program(CU_SEQLENS, TILES)
-        head = tl.program_id(1)
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < seqlen
-        rows_k = start + offs_n
-        q_base = _head(Q, head, stride_qh)
-        k_base = _head(K, head, stride_kh)
-        v_base = _head(V, head, stride_vh)
-        do_base = _head(DO, head, stride_doh)
-        k0 = _load_rows(k_base, rows_k, n_ok, stride_kt, 0, BLOCK_D0, HEAD_DIM)
-        v0 = _load_rows(v_base, rows_k, n_ok, stride_vt, 0, BLOCK_D0, HEAD_DIM)
-        dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
-        dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
-        if BLOCK_D1 > 0:
-            k1 = _load_rows(k_base, rows_k, n_ok, stride_kt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-            v1 = _load_rows(v_base, rows_k, n_ok, stride_vt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-            dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
-            dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
-        for m0 in range(0, _loop_end(seqlen), BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < seqlen
-            rows_q = start + offs_m
-            q0 = _load_rows(q_base, rows_q, m_ok, stride_qt, 0, BLOCK_D0, HEAD_DIM)
-            do0 = _load_rows(do_base, rows_q, m_ok, stride_dot, 0, BLOCK_D0, HEAD_DIM)
-            # padded queries have zero Q and dO rows, so they add nothing; LSE = +inf also zeroes their P
-            lse = tl.load(LSE + head * total_tokens + rows_q, mask=m_ok, other=float("inf"))
-            delta = tl.load(DELTA + head * total_tokens + rows_q, mask=m_ok, other=0.0)
-            s_t = _mm(k0, tl.trans(q0), DOT_PRECISION)
-            dp_t = _mm(v0, tl.trans(do0), DOT_PRECISION)
+        # one program runs HEADS_PER_PROGRAM heads of its (sequence, tile), unrolled: the table lookup
+        # is shared and one head's loads can overlap another's maths (short sequences are latency-bound)
+        for head_in_program in tl.static_range(HEADS_PER_PROGRAM):
+            head = tl.program_id(1) * HEADS_PER_PROGRAM + head_in_program
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < seqlen
+            rows_k = start + offs_n
+            q_base = _head(Q, head, stride_qh)
+            k_base = _head(K, head, stride_kh)
+            v_base = _head(V, head, stride_vh)
+            do_base = _head(DO, head, stride_doh)
+            k0 = _load_rows(k_base, rows_k, n_ok, stride_kt, 0, BLOCK_D0, HEAD_DIM)
+            v0 = _load_rows(v_base, rows_k, n_ok, stride_vt, 0, BLOCK_D0, HEAD_DIM)
+            dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+            dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
             if BLOCK_D1 > 0:
-                q1 = _load_rows(q_base, rows_q, m_ok, stride_qt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-                do1 = _load_rows(do_base, rows_q, m_ok, stride_dot, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-                s_t = _mm_acc(k1, tl.trans(q1), s_t, DOT_PRECISION)
-                dp_t = _mm_acc(v1, tl.trans(do1), dp_t, DOT_PRECISION)
-            # padded keys (zero K rows, score 0) get P = 0 like in the dQ pass: their rows are never
-            # stored, but exp2(-lse) = inf there would only make inf/NaN garbage
-            p_t = tl.math.exp2(tl.where(n_ok[:, None], s_t * qk_scale - lse[None, :], float("-inf")))
-            ds_t = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
-            p_t = p_t.to(do0.dtype)
-            dv0 = _mm_acc(p_t, do0, dv0, DOT_PRECISION)
-            dk0 = _mm_acc(ds_t, q0, dk0, DOT_PRECISION)
+                k1 = _load_rows(k_base, rows_k, n_ok, stride_kt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                v1 = _load_rows(v_base, rows_k, n_ok, stride_vt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+                dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+            for m0 in range(0, _loop_end(seqlen), BLOCK_M):
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < seqlen
+                rows_q = start + offs_m
+                q0 = _load_rows(q_base, rows_q, m_ok, stride_qt, 0, BLOCK_D0, HEAD_DIM)
+                do0 = _load_rows(do_base, rows_q, m_ok, stride_dot, 0, BLOCK_D0, HEAD_DIM)
+                # padded queries have zero Q and dO rows, so they add nothing; LSE = +inf also zeroes their P
+                lse = tl.load(LSE + head * total_tokens + rows_q, mask=m_ok, other=float("inf"))
+                delta = tl.load(DELTA + head * total_tokens + rows_q, mask=m_ok, other=0.0)
+                s_t = _mm(k0, tl.trans(q0), DOT_PRECISION)
+                dp_t = _mm(v0, tl.trans(do0), DOT_PRECISION)
+                if BLOCK_D1 > 0:
+                    q1 = _load_rows(q_base, rows_q, m_ok, stride_qt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                    do1 = _load_rows(do_base, rows_q, m_ok, stride_dot, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                    s_t = _mm_acc(k1, tl.trans(q1), s_t, DOT_PRECISION)
+                    dp_t = _mm_acc(v1, tl.trans(do1), dp_t, DOT_PRECISION)
+                # padded keys (zero K rows, score 0) get P = 0 like in the dQ pass: their rows are never
+                # stored, but exp2(-lse) = inf there would only make inf/NaN garbage
+                p_t = tl.math.exp2(tl.where(n_ok[:, None], s_t * qk_scale - lse[None, :], float("-inf")))
+                ds_t = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
+                p_t = p_t.to(do0.dtype)
+                dv0 = _mm_acc(p_t, do0, dv0, DOT_PRECISION)
+                dk0 = _mm_acc(ds_t, q0, dk0, DOT_PRECISION)
+                if BLOCK_D1 > 0:
+                    dv1 = _mm_acc(p_t, do1, dv1, DOT_PRECISION)
+                    dk1 = _mm_acc(ds_t, q1, dk1, DOT_PRECISION)
+            dk_base = _head(DK, head, stride_dkh)
+            dv_base = _head(DV, head, stride_dvh)
+            _store_rows(dk_base, dk0 * softmax_scale, rows_k, n_ok, stride_dkt, 0, BLOCK_D0, HEAD_DIM)
+            _store_rows(dv_base, dv0, rows_k, n_ok, stride_dvt, 0, BLOCK_D0, HEAD_DIM)
             if BLOCK_D1 > 0:
-                dv1 = _mm_acc(p_t, do1, dv1, DOT_PRECISION)
-                dk1 = _mm_acc(ds_t, q1, dk1, DOT_PRECISION)
-        dk_base = _head(DK, head, stride_dkh)
-        dv_base = _head(DV, head, stride_dvh)
-        _store_rows(dk_base, dk0 * softmax_scale, rows_k, n_ok, stride_dkt, 0, BLOCK_D0, HEAD_DIM)
-        _store_rows(dv_base, dv0, rows_k, n_ok, stride_dvt, 0, BLOCK_D0, HEAD_DIM)
-        if BLOCK_D1 > 0:
-            _store_rows(dk_base, dk1 * softmax_scale, rows_k, n_ok, stride_dkt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-            _store_rows(dv_base, dv1, rows_k, n_ok, stride_dvt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                _store_rows(dk_base, dk1 * softmax_scale, rows_k, n_ok, stride_dkt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                _store_rows(dv_base, dv1, rows_k, n_ok, stride_dvt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -557,9 +576,11 @@ def launch_config(q: torch.Tensor) -> AttentionConfig:
     return config_for(arch, q.shape[-1], q.dtype)
 
 
-def _launch(kernel, grid, args, meta, tile_name: str, inner_name: str, config: KernelConfig):
-    kernel[grid](*args, **meta, **{tile_name: TILE, inner_name: config.inner},
-                 num_warps=config.num_warps, num_stages=config.num_stages)
+def _launch(kernel, tiles: int, heads: int, args, meta, tile_name: str, inner_name: str, config: KernelConfig):
+    per_program = config.heads if heads % config.heads == 0 else 1
+    kernel[(tiles, heads // per_program)](*args, **meta, **{tile_name: TILE, inner_name: config.inner},
+                                          HEADS_PER_PROGRAM=per_program, num_warps=config.num_warps,
+                                          num_stages=config.num_stages)
 
 
 def check_packing(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
@@ -591,7 +612,7 @@ def _fwd(q, k, v, out, cu_seqlens, max_seqlen: int, softmax_scale: float):
     args = (q, k, v, out, lse, cu_seqlens, tiles, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             v.stride(0), v.stride(1), out.stride(0), out.stride(1), total, softmax_scale * math.log2(math.e))
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
-        _launch(_attention_fwd_kernel, (tiles.shape[0], heads), args, _meta(q), "BLOCK_M", "BLOCK_N",
+        _launch(_attention_fwd_kernel, tiles.shape[0], heads, args, _meta(q), "BLOCK_M", "BLOCK_N",
                 launch_config(q).fwd)
     return lse
 
@@ -606,14 +627,13 @@ def _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, max_seqlen: int, softm
     qk_scale = softmax_scale * math.log2(math.e)
     meta = _meta(q)
     config = launch_config(q)
-    grid = (tiles.shape[0], heads)
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
-        _launch(_attention_bwd_dq_kernel, grid,
+        _launch(_attention_bwd_dq_kernel, tiles.shape[0], heads,
                 (q, k, v, out, dout, dq, lse, delta, cu_seqlens, tiles, q.stride(0), q.stride(1), k.stride(0),
                  k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
                  dq.stride(0), dq.stride(1), total, qk_scale, softmax_scale),
                 meta, "BLOCK_M", "BLOCK_N", config.dq)
-        _launch(_attention_bwd_dkdv_kernel, grid,
+        _launch(_attention_bwd_dkdv_kernel, tiles.shape[0], heads,
                 (q, k, v, dout, dk, dv, lse, delta, cu_seqlens, tiles, q.stride(0), q.stride(1), k.stride(0),
                  k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1),
                  dv.stride(0), dv.stride(1), total, qk_scale, softmax_scale),
@@ -823,7 +843,8 @@ def varlen_attention_qkvpacked(
 def aot_specs():
     """Every variant a launch can use: per (dtype, head dim in :data:`AOT_HEAD_DIMS`), the forward, dQ
     and dK/dV kernels in each configuration of :data:`CANDIDATES` (bf16/fp16; the table's entries are
-    among them) or :data:`FP32_CONFIG` (fp32). Names start with ``attention``. The bf16/fp16 ones are
+    among them; several heads per program only up to :data:`MULTI_HEAD_MAX_DIM`) or :data:`FP32_CONFIG`
+    (fp32). Names start with ``attention``. The bf16/fp16 ones are
     tensor-core kernels with 64-row tiles and 4 warps: they must use wgmma on sm_90."""
     if triton is None:
         return []
@@ -854,13 +875,14 @@ def aot_specs():
                 if backward:
                     sig["softmax_scale"] = "fp32"
                 sig.update({c: "constexpr" for c in ("HEAD_DIM", "BLOCK_D0", "BLOCK_D1", "BLOCK_M", "BLOCK_N",
-                                                     "DOT_PRECISION")})
+                                                     "DOT_PRECISION", "HEADS_PER_PROGRAM")})
                 configs = (getattr(FP32_CONFIG, name),) if dtype == torch.float32 else CANDIDATES[name]
-                for config in configs:
-                    constexprs = {**meta, tile_name: TILE, inner_name: config.inner}
+                # several heads per program only where they are meant to run: the short d <= 32 heads
+                for config in (c for c in configs if c.heads == 1 or dim <= MULTI_HEAD_MAX_DIM):
+                    constexprs = {**meta, tile_name: TILE, inner_name: config.inner, "HEADS_PER_PROGRAM": config.heads}
                     specs.append(AotSpec(
                         f"attention_{name}[d{dim},{ty},BM{constexprs['BLOCK_M']},BN{constexprs['BLOCK_N']},"
-                        f"w{config.num_warps},s{config.num_stages}]",
+                        f"w{config.num_warps},s{config.num_stages}{f',h{config.heads}' if config.heads > 1 else ''}]",
                         fn, sig, constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
                         wants_wgmma=ty != "fp32"))
     return specs
