@@ -1,10 +1,10 @@
 """Ahead-of-time compilation of every kernel configuration, for a GPU this machine need not have.
 
 ``python -m fastjepa_kernels.aot [--arch 80 90] [--json]`` compiles, for each target architecture,
-every (kernel, configuration, dtype, head dim) the launchers or their autotuners can pick, and reports
-the shared memory each uses and whether the code uses Hopper's ``wgmma`` instructions. It needs no GPU
-(``triton.compile`` with a ``GPUTarget``), so CI proves on a CPU machine that the kernels compile for
-Ampere and Hopper and fit the chip.
+every (kernel, configuration, dtype, head dim) the launchers can pick (and every attention
+configuration the benchmarks A/B), and reports the shared memory each uses and whether the code uses
+Hopper's ``wgmma`` instructions. It needs no GPU (``triton.compile`` with a ``GPUTarget``), so CI
+proves on a CPU machine that the kernels compile for Ampere and Hopper and fit the chip.
 
 Each kernel module lists its variants in ``aot_specs() -> list[AotSpec]``. Run this without
 ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit`` functions with Python ones).
