@@ -22,6 +22,11 @@ forward (``dV``, ``dP``, ``dQ``, ``dK`` plus recomputing ``S``: 5 products again
 (forward + backward) counts 3.5x the forward. The fraction of peak divides by a measured bf16 GEMM rate
 (``measured_gemm_tflops(device, bf16, n=8192)``; fp32 n=512 on CPU).
 
+``test_attention_config_candidates`` (CUDA) times each kernel in each configuration of
+``attention.CANDIDATES`` at the context and predictor shapes (the forward alone for ``fwd``; forward +
+backward with the one backward kernel swapped for ``dq`` / ``dkdv``), so a device check can tell which
+entry ``attention.CONFIG_TABLE`` should hold; every ``triton`` row records the configuration it ran.
+
 Run: ``pytest benchmarks/test_kernels_attention.py --benchmark-only`` (CPU: a few seconds).
 """
 from __future__ import annotations
@@ -220,7 +225,7 @@ def test_varlen_attention(benchmark, bench_tools, shape, provider, mode):
         run = make_runner(provider, case, mode)
         if hasattr(run, "check"):
             run.check = True
-        out = run()  # warm-up: compiles, autotunes, and shows the provider can run this shape at all
+        out = run()  # warm-up: compiles and shows the provider can run this shape at all
         if hasattr(run, "check"):
             run.check = False
     except ImportError as err:
@@ -244,8 +249,39 @@ def test_varlen_attention(benchmark, bench_tools, shape, provider, mode):
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    if provider == "triton":
+        config = attn.launch_config(case.qkv[:, 0])
+        info["config"] = {name: getattr(config, name).label for name in attn.KERNELS}
     info.update(case.describe(), shape=shape, provider=provider, mode=mode, seconds=mean,
                 tflops=flops / mean / 1e12, peak_tflops=peak, peak_kind=peak_kind,
                 fraction_of_peak=flops / mean / 1e12 / peak, relative_error_vs_reference=err,
                 flops_convention="fwd 4*sum(len^2)*H*d; bwd 2.5x fwd; full = 3.5x fwd; real tokens only")
+    benchmark.extra_info.update(info)
+
+
+@pytest.mark.parametrize("candidate", [0, 1, 2])
+@pytest.mark.parametrize("kernel", ["fwd", "dq", "dkdv"])
+@pytest.mark.parametrize("shape", ["context", "predictor"])
+def test_attention_config_candidates(benchmark, bench_tools, shape, kernel, candidate):
+    """One kernel in one candidate configuration, the others as the table has them (A/B for the table)."""
+    if not CUDA:
+        pytest.skip("configurations are timed on CUDA only")
+    case = get_case(shape, "cuda")
+    config = attn.CANDIDATES[kernel][candidate]
+    benchmark.group = f"attention-config-{shape}-{kernel}"
+    mode = "fwd" if kernel == "fwd" else "full"
+    with attn.override_configs(**{kernel: config}):
+        run = packed_runner(case, lambda x: varlen_attention_qkvpacked(x, case.cu_seqlens, case.max_seqlen,
+                                                                       backend="triton"), mode)
+        out = run()
+        err = float((out.float() - reference_output(shape, "cuda")).norm() / reference_output(shape, "cuda").norm())
+        assert err < 2e-2, f"{kernel} {config}: relative error {err:.3e}"
+        mean = bench_tools.per_call_seconds(benchmark, run, case.device, stat="mean")
+        ran = attn.launch_config(case.qkv[:, 0])
+    flops = forward_flops(case.lengths, case.heads, case.dim) * (1.0 if mode == "fwd" else 1.0 + BACKWARD_FACTOR)
+    info = bench_tools.describe(case.device)
+    info.update(case.describe(), shape=shape, provider="triton", mode=mode, kernel=kernel, candidate=candidate,
+                config={name: getattr(ran, name).label for name in attn.KERNELS},
+                table_default=getattr(attn.DEFAULT_16BIT, kernel) == config, seconds=mean,
+                tflops=flops / mean / 1e12, relative_error_vs_reference=err)
     benchmark.extra_info.update(info)

@@ -3,7 +3,9 @@
 Shape (DESIGN.md §3): ViT-H/14, batch 128, 4 target blocks of ~44 patches per image, so
 ``T = 128 * 4 * 44`` rows of ``pred [T, 1280]`` bf16 against ``target [128, 256, 1280]`` fp32 (the
 target encoder's final LayerNorm runs in fp32 under autocast). Bytes counted: the picked target rows,
-the index and ``pred`` read once, the gradient written, and the backward's read + write of it.
+the index and ``pred`` read once, the unscaled derivative written, and the backward's read of it and
+write of the gradient (4 ``pred``-sized passes; until 2026-12 this file counted 5, so the fractions in
+``benchmarks/results/h100-sxm-2026-11-28-5c15091.json`` are 14/12 = 1.17x too high there).
 ``speedup_vs_reference`` compares with ``jepa_target_loss_reference`` (gather -> layer_norm -> loss)
 timed on the same device. On CPU only the reference runs, at a small size.
 """
@@ -47,7 +49,7 @@ def test_target_loss_fwd_bwd(benchmark, bench_tools, backend, kind):
 
     seconds = bench_tools.per_call_seconds(benchmark, run(backend), DEVICE)
     T = index.shape[0]
-    nbytes = T * D * (target.element_size() + 3 * pred.element_size() + 2 * pred.element_size()) + T * 4
+    nbytes = T * D * (target.element_size() + 4 * pred.element_size()) + T * 4
     peak = bench_tools.copy_gbps(DEVICE)
     info = dict(triton=triton.__version__, op="jepa_target_loss", backend=backend, kind=kind, mode="full",
                 shape=dict(pred=[T, D], target=list(target.shape)), pred_dtype=str(pred_dtype),

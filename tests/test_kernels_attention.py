@@ -27,12 +27,13 @@ from fastjepa_kernels.attention import (
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA = DEVICE == "cuda"
-HEAD_DIMS = (24, 32, 64, 80, 96, 128)
+HEAD_DIMS = (24, 32, 64, 80, 88, 96, 128)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 ERROR_FACTOR = 3.0  # kernel error at most this times the same-dtype SDPA error (plus one unit roundoff)
 
 pytestmark = pytest.mark.skipif(attn.triton is None, reason="triton is not installed")
+triton = attn.triton
 
 
 @pytest.fixture(autouse=True)
@@ -128,17 +129,35 @@ def test_forward_and_gradients_match_fp64(dim, dtype):
     assert_close_to_fp64(got, reference_fp64(qkv, dout, lengths), sdpa, dtype, f"lengths={lengths}")
 
 
-@pytest.mark.parametrize("config", [1], ids=["second-config"])
+@pytest.mark.parametrize("candidate", [1, 2], ids=["wider-blocks", "two-heads-per-program"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
-def test_every_autotune_config(monkeypatch, config, dtype):
-    """The default cases run configuration 0 of each kernel; this one forces the other one (CUDA too),
-    on a sequence of 130 tokens (three 64-row tiles, a 128-key block that is partly padding)."""
-    monkeypatch.setattr(attn, "FORCE_CONFIG", config)
+def test_every_candidate_config(dtype, candidate):
+    """The default cases run the table's configuration; this one runs each other candidate of every
+    kernel (CUDA too), on a sequence of 130 tokens (three 64-row tiles, a 128-key block that is partly
+    padding) with 2 heads, so a configuration the benchmarks may promote into the table is proven."""
     lengths = [130, 1, 37]
-    qkv, dout = random_case(lengths, 1, 80, dtype, seed=11)
-    got = run_unpacked(qkv, dout, lengths, "triton")
+    dim = 80 if candidate == 1 else 24
+    qkv, dout = random_case(lengths, 2, dim, dtype, seed=11)
+    picked = attn.AttentionConfig(*(attn.CANDIDATES[n][candidate] for n in attn.KERNELS))
+    with attn.override_configs(**{name: getattr(picked, name) for name in attn.KERNELS}):
+        assert attn.launch_config(qkv[:, 0]) == picked
+        got = run_unpacked(qkv, dout, lengths, "triton")
+    assert attn.launch_config(qkv[:, 0]) == attn.config_for(attn._arch(0) if CUDA else None, dim, dtype)
     sdpa = run_unpacked(qkv, dout, lengths, "sdpa")
     assert_close_to_fp64(got, reference_fp64(qkv, dout, lengths), sdpa, dtype)
+    if candidate == 2 and not CUDA:  # per head the same maths in the same order as one head per program
+        assert all(torch.equal(a, b) for a, b in zip(got, run_unpacked(qkv, dout, lengths, "triton")))
+
+
+def test_heads_per_program_falls_back_when_heads_do_not_divide():
+    """Three heads with a two-heads-per-program configuration run one head per program: every head is
+    computed (NaN-poisoned outputs), exactly as with the default configuration."""
+    lengths = [20, 45]
+    qkv, dout = random_case(lengths, 3, 24, torch.bfloat16, seed=13)
+    two = {name: attn.CANDIDATES[name][2] for name in attn.KERNELS}
+    with attn.override_configs(**two):
+        got = run_packed(qkv, dout, lengths, "triton")
+    assert all(torch.equal(a, b) for a, b in zip(got, run_packed(qkv, dout, lengths, "triton")))
 
 
 @pytest.mark.parametrize("dim", [24, 80])
@@ -158,10 +177,9 @@ def test_qkvpacked_backward_writes_one_gradient():
     lengths = [5, 12]
     qkv, dout = random_case(lengths, 2, 32, torch.float32, seed=3)
     cu = cu_of(lengths)
-    tiles = build_tile_table(cu, tile_bound(qkv.shape[0], 2, 12))
-    out, lse = attn._qkvpacked_fwd_op(qkv, cu, tiles, 12, 0.25)
+    out, lse = attn._qkvpacked_fwd_op(qkv, cu, 12, 0.25)
     assert lse.shape == (2, qkv.shape[0]) and lse.dtype == torch.float32
-    dqkv = attn._qkvpacked_bwd_op(dout, qkv, out, lse, cu, tiles, 12, 0.25)
+    dqkv = attn._qkvpacked_bwd_op(dout, qkv, out, lse, cu, 12, 0.25)
     assert dqkv.shape == qkv.shape and dqkv.is_contiguous() and torch.isfinite(dqkv).all()
 
 
@@ -195,6 +213,27 @@ def test_strided_views():
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
     ref64 = attention_fp64(q.double(), k.double(), wide[..., ::2].double(), lengths, dim**-0.5)
     torch.testing.assert_close(out.double(), ref64, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_dq_stays_finite_when_every_score_is_very_negative(dtype):
+    """Keys opposite to the queries: every scaled score is ~ -230 (base 2), so lse ~ -230 and the padded
+    key columns of the last key block, whose score is 0, would get P = exp2(230) = inf; inf * 0 in
+    dS @ K then turned the whole dQ row into NaN. Lengths 37 and 5 leave padding in every key block."""
+    lengths = [37, 5]
+    total, heads, dim = sum(lengths), 2, 32
+    g = torch.Generator().manual_seed(21)
+    direction = torch.nn.functional.normalize(torch.randn(heads, dim, generator=g), dim=-1)
+    q = 30.0 * direction + 0.3 * torch.randn(total, heads, dim, generator=g)
+    k = -30.0 * direction + 0.3 * torch.randn(total, heads, dim, generator=g)
+    v = torch.randn(total, heads, dim, generator=g)
+    qkv = torch.stack([q, k, v], 1).to(DEVICE, dtype)
+    dout = torch.randn(total, heads, dim, generator=g).to(DEVICE, dtype)
+    scores = torch.einsum("qhd,khd->hqk", q[:37], k[:37]) * dim**-0.5 * math.log2(math.e)
+    assert scores.max() < -150  # exp2(-lse) overflows fp32 (and fp16 long before)
+    got = run_packed(qkv, dout, lengths, "triton")
+    sdpa = run_packed(qkv, dout, lengths, "sdpa")
+    assert_close_to_fp64(got, reference_fp64(qkv, dout, lengths), sdpa, dtype)
 
 
 def test_backward_is_deterministic():
@@ -252,6 +291,62 @@ def test_tile_table_lists_every_real_tile_once(lengths):
     assert (table[len(expected):, 0] == -1).all()
 
 
+def count_table_builds(monkeypatch) -> list:
+    builds = []
+    real = attn.build_tile_table
+    monkeypatch.setattr(attn, "build_tile_table", lambda cu, bound: builds.append(bound) or real(cu, bound))
+    return builds
+
+
+def three_layers(x, cu_seqlens, max_seqlen):
+    """Three attention layers on one packing (the shape of an encoder pass)."""
+    for _ in range(3):
+        x = x + varlen_attention_qkvpacked(x, cu_seqlens, max_seqlen, backend="triton").unsqueeze(1)
+    return x
+
+
+def test_one_tile_table_per_packing_forward_and_backward(monkeypatch):
+    builds = count_table_builds(monkeypatch)
+    for lengths in ([9, 1, 30], [5, 17, 3, 40]):
+        builds.clear()
+        qkv, _ = random_case(lengths, 2, 16, torch.float32, seed=len(lengths))
+        leaf = qkv.requires_grad_()
+        three_layers(leaf, cu_of(lengths), max(lengths)).sum().backward()
+        assert len(builds) == 1, f"{len(builds)} tile tables built for one packing (3 layers, fwd + bwd)"
+
+
+def test_torch_compile_neither_rebuilds_tables_nor_recompiles_per_max_seqlen(monkeypatch):
+    """Under torch.compile the table is built inside the custom ops, once per packing, not traced into
+    every block's graph; and ``max_seqlen`` stays symbolic: after dynamo's one automatic-dynamic
+    recompile (the second shape), new token counts and new ``max_seqlen`` values compile nothing."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    builds = count_table_builds(monkeypatch)
+    compiled = torch.compile(three_layers, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+    cases = ([9, 1, 30], [5, 17, 3, 40], [64, 2], [7, 70, 1], [3, 3, 90])
+    graphs = []
+    for i, lengths in enumerate(cases):
+        qkv, _ = random_case(lengths, 2, 16, torch.float32, seed=30 + i)
+        leaf, eager_leaf = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+        builds.clear()
+        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
+            out = compiled(leaf, cu_of(lengths), max(lengths))
+        out.sum().backward()
+        # aot_eager hands the backward the forward's cu_seqlens object: one table; allow inductor a second
+        # if it gives the backward a new view of it (traced into each layer's graph it would be 3 or more)
+        assert len(builds) <= (2 if CUDA else 1), f"{lengths}: {len(builds)} tile tables for 3 compiled layers"
+        graphs.append(counters["stats"]["unique_graphs"])
+        expect = three_layers(eager_leaf, cu_of(lengths), max(lengths))
+        expect.sum().backward()
+        torch.testing.assert_close(out, expect)
+        torch.testing.assert_close(leaf.grad, eager_leaf.grad)
+    assert graphs[-1] == graphs[1] <= 2, f"graphs compiled after each call: {graphs}"
+    torch._dynamo.reset()
+
+
 def test_tile_table_is_reused_per_cu_seqlens_tensor():
     cu = cu_of([5, 70])
     first = attn._tile_table(cu, 4)
@@ -268,12 +363,11 @@ def test_custom_ops_pass_opcheck():
     lengths = [3, 17]
     qkv, dout = random_case(lengths, 1, 16, torch.float32, seed=4)
     cu = cu_of(lengths)
-    tiles = build_tile_table(cu, tile_bound(20, 2, 17))
     q, k, v = (t.clone().requires_grad_() for t in qkv.unbind(1))
-    torch.library.opcheck(attn._varlen_fwd_op, (q, k, v, cu, tiles, 17, 0.25))
-    torch.library.opcheck(attn._qkvpacked_fwd_op, (qkv.clone().requires_grad_(), cu, tiles, 17, 0.25))
-    out, lse = attn._varlen_fwd_op(q.detach(), k.detach(), v.detach(), cu, tiles, 17, 0.25)
-    torch.library.opcheck(attn._varlen_bwd_op, (dout, q.detach(), k.detach(), v.detach(), out, lse, cu, tiles,
+    torch.library.opcheck(attn._varlen_fwd_op, (q, k, v, cu, 17, 0.25))
+    torch.library.opcheck(attn._qkvpacked_fwd_op, (qkv.clone().requires_grad_(), cu, 17, 0.25))
+    out, lse = attn._varlen_fwd_op(q.detach(), k.detach(), v.detach(), cu, 17, 0.25)
+    torch.library.opcheck(attn._varlen_bwd_op, (dout, q.detach(), k.detach(), v.detach(), out, lse, cu,
                                                 17, 0.25),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -347,6 +441,50 @@ def test_input_checks():
         varlen_attention_qkvpacked(q, cu, 6, backend="triton")  # not [T, 3, H, d]
     with pytest.raises(ValueError):
         varlen_attention(q, q, q, cu_of([6])[:1], 6, backend="triton")  # cu_seqlens needs B + 1 >= 2
+
+
+def test_debug_mode_checks_the_packing(monkeypatch):
+    """FASTJEPA_KERNELS_DEBUG=1 (``attn.DEBUG``): rows outside cu_seqlens and lengths above max_seqlen
+    would leave outputs unwritten; the launcher names the problem instead. Off by default: no check."""
+    qkv = torch.randn(20, 3, 1, 16, device=DEVICE)
+    checks = []
+    real = attn.check_packing
+    monkeypatch.setattr(attn, "check_packing", lambda *a: checks.append(a) or real(*a))
+    varlen_attention_qkvpacked(qkv, cu_of([12, 6]), 5, backend="triton")  # wrong, but unchecked
+    assert not checks and not attn.DEBUG
+    monkeypatch.setattr(attn, "DEBUG", True)
+    with pytest.raises(ValueError, match="from 0 to the 20 tokens"):
+        varlen_attention_qkvpacked(qkv, cu_of([12, 6]), 12, backend="triton")  # rows 18, 19 uncovered
+    with pytest.raises(ValueError, match="more than max_seqlen=10"):
+        varlen_attention_qkvpacked(qkv, cu_of([12, 8]), 10, backend="triton")
+    with pytest.raises(ValueError, match="decreases"):
+        varlen_attention_qkvpacked(qkv, torch.tensor([0, 12, 8, 20], dtype=torch.int32, device=DEVICE), 12,
+                                   backend="triton")
+    leaf = qkv.clone().requires_grad_()
+    varlen_attention_qkvpacked(leaf, cu_of([12, 8]), 12, backend="triton").sum().backward()
+    assert len(checks) == 5  # the three bad packings, then the good one's forward and backward
+
+
+def test_fixed_configurations():
+    """One configuration per (architecture, head dim, dtype), independent of lengths and token counts
+    (no autotuner: same inputs, same bits, no benchmarking mid-run); every table entry is an AOT-compiled
+    candidate; overrides (benchmarks' A/B) accept only candidates and are undone on exit."""
+    kernels = [getattr(attn, name) for name in dir(attn) if name.startswith("_attention_")]
+    assert len(kernels) == 3 and not any(isinstance(fn, triton.runtime.Autotuner) for fn in kernels)
+    for (arch, dim, dtype), config in attn.CONFIG_TABLE.items():
+        assert dim in attn.AOT_HEAD_DIMS and dtype in (torch.bfloat16, torch.float16)
+        assert all(getattr(config, name) in attn.CANDIDATES[name] for name in attn.KERNELS), (arch, dim, dtype)
+        assert dim <= attn.MULTI_HEAD_MAX_DIM or all(getattr(config, n).heads == 1 for n in attn.KERNELS)
+    assert attn.config_for(9, 80, torch.float32) == attn.FP32_CONFIG
+    assert attn.config_for(12, 40, torch.bfloat16) == attn.DEFAULT_16BIT  # unlisted: the default
+    with pytest.raises(ValueError, match="not among the compiled candidates"):
+        with attn.override_configs(fwd=attn.KernelConfig(256, 8, 1)):
+            pass
+    before = attn.config_for(9, 80, torch.bfloat16)
+    with attn.override_configs(dq=attn.CANDIDATES["dq"][1]):
+        assert attn.config_for(9, 80, torch.bfloat16).dq == attn.CANDIDATES["dq"][1]
+        assert attn.config_for(9, 80, torch.bfloat16).fwd == before.fwd
+    assert attn.config_for(9, 80, torch.bfloat16) == before
 
 
 def test_poison_fills_outputs_with_nan():

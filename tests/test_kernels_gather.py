@@ -3,12 +3,14 @@
 Runs the kernels compiled on CUDA and in Triton's interpreter on CPU (tests/conftest.py sets
 ``TRITON_INTERPRET=1`` there). Covers odd D (24, 96, 130), int32/int64 indices with repeats, ``pos`` on
 and off, ``out_dtype``, strided ``x``, fp32/bf16/fp16, NaN-poisoned outputs, every gradient (x, pos,
-tokens), hot rows picked hundreds of times, the custom-op registration and ``torch.compile``.
+tokens), hot rows picked hundreds of times, the atomic-free ``unique=True`` backward, the custom-op
+registration and ``torch.compile``.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo
 
 pytest.importorskip("triton")
 
@@ -138,6 +140,69 @@ def test_gather_strided_x_and_unpicked_rows_are_zero():
     assert (flat[picked] == 1).all() and (flat[~picked] == 0).all()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("dim", [24, 130])
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
+                                             (torch.float32, torch.bfloat16)])
+def test_unique_backward_writes_without_atomics(monkeypatch, layout, dim, dtype, out_dtype):
+    """``unique=True`` (a context mask: each patch row at most once): the gradient of ``x`` is each
+    picked row's gradient or 0, written in x's dtype by one pass with no atomic scatter-add; the same
+    bits as the atomic path (a single addend per row), the pos gradient a fixed-order batch sum."""
+    gen = torch.Generator().manual_seed(dim + 3)
+    B, N, T = 3, 17, 29
+    if layout == "contiguous":
+        x = torch.randn(B, N, dim, generator=gen)
+    else:  # the patch-embed output [B, D, N] seen as [B, N, D]
+        x = torch.randn(B, dim, N, generator=gen).transpose(1, 2)
+    x = x.to(dtype).to(DEVICE).requires_grad_()
+    pos = torch.randn(N, dim, generator=gen).to(dtype).to(DEVICE).requires_grad_()
+    index = torch.randperm(B * N, generator=gen)[:T].to(torch.int32).to(DEVICE)
+    grad = torch.randn(T, dim, generator=gen).to(out_dtype or dtype).to(DEVICE)
+    atomic_calls = []
+    real = gather_mod._scatter_add
+    monkeypatch.setattr(gather_mod, "_scatter_add", lambda *a: atomic_calls.append(1) or real(*a))
+
+    out = gather_tokens(x, index, pos, out_dtype=out_dtype, backend="triton", unique=True)
+    gx, gpos = torch.autograd.grad(out, (x, pos), grad)
+    assert not atomic_calls, "the unique backward went through the atomic scatter-add"
+    ref, rgx, rgpos = gather64(x, index.cpu(), pos, grad.cpu())
+    assert gx.dtype == dtype and gx.shape == x.shape and gpos.dtype == dtype
+    assert torch.equal(gx.double().cpu(), rgx.to(dtype).double())  # a copy (or one rounding to x's dtype)
+    close(gpos, rgpos.to(DEVICE), dtype, "grad pos")
+    again = torch.autograd.grad(gather_tokens(x, index, pos, out_dtype=out_dtype, backend="triton", unique=True),
+                                (x, pos), grad)
+    assert torch.equal(again[0], gx) and torch.equal(again[1], gpos)  # deterministic
+    atomic = torch.autograd.grad(gather_tokens(x, index, pos, out_dtype=out_dtype, backend="triton"), (x, pos), grad)
+    assert atomic_calls and torch.equal(atomic[0], gx)
+
+
+def test_unique_promise_is_checked_on_cpu():
+    x = torch.randn(2, 5, 8, device=DEVICE)
+    index = torch.tensor([3, 7, 3], dtype=torch.int32, device=DEVICE)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="repeated indices"):
+            gather_tokens(x, index, backend="triton", unique=True)
+    gather_tokens(x, index, backend="triton")  # repeats are fine without the promise
+
+
+def test_auto_takes_the_reference(monkeypatch):
+    """``auto`` stays on index_select until a GPU measurement shows the kernel ahead (it lost every H100
+    case so far); ``triton`` still runs the kernel."""
+    seen = []
+    real = gather_mod.use_triton
+    monkeypatch.setattr(gather_mod, "use_triton", lambda *a, **k: seen.append(k) or real(*a, **k))
+    x = torch.randn(2, 5, 8, device=DEVICE)
+    index = torch.tensor([9, 0, 3], dtype=torch.int32, device=DEVICE)
+    torch.testing.assert_close(gather_tokens(x, index), gather_mod.gather_tokens_reference(x, index), atol=0, rtol=0)
+    assert seen and all(k.get("auto_takes_kernel") is False for k in seen)
+    import fastjepa_kernels._backend as backend_mod
+
+    monkeypatch.setattr(backend_mod, "TRITON_AVAILABLE", True)
+    cuda_like = type("CudaLike", (), {"is_cuda": True, "dtype": torch.bfloat16})()
+    assert not backend_mod.use_triton("gather", "auto", (cuda_like,), auto_takes_kernel=False)
+    assert backend_mod.use_triton("gather", "auto", (cuda_like,))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_scatter_forward_and_gradient(dtype, index_dtype):
@@ -168,7 +233,7 @@ def test_scatter_inverts_gather():
 def test_backends_and_input_checks():
     x = torch.randn(2, 5, 8, device=DEVICE)
     index = torch.tensor([9, 0, 3], dtype=torch.int32, device=DEVICE)
-    auto = gather_tokens(x, index, torch.randn(5, 8, device=DEVICE))  # auto: triton on CUDA, else reference
+    auto = gather_tokens(x, index, torch.randn(5, 8, device=DEVICE))  # auto: the reference (for now)
     assert auto.shape == (3, 8)
     with pytest.raises(ValueError):
         gather_tokens(x, index, backend="nope")
@@ -192,6 +257,10 @@ def test_custom_ops_pass_opcheck():
     index = torch.tensor([9, 0, 3, 3], dtype=torch.int32, device=DEVICE)
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(gather_mod._gather_op, (x, index, pos, torch.float32), test_utils=tests)
+    unique = torch.tensor([9, 0, 3, 4], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(gather_mod._gather_op, (x, unique, pos, torch.float32, True), test_utils=tests)
+    torch.library.opcheck(gather_mod._gather_bwd_unique_op, (torch.randn(4, 24, device=DEVICE), unique, 10,
+                                                             torch.bfloat16), test_utils=tests[:2])
     torch.library.opcheck(gather_mod._scatter_op, (x.reshape(10, 24), index.repeat(3)[:10], 12), test_utils=tests)
 
 
@@ -199,19 +268,26 @@ def test_torch_compile_fullgraph():
     """No graph break: the fake impls give dynamo shapes and dtypes (aot_eager on CPU: no C++ build)."""
     def step(x, pos, index):
         tokens = gather_tokens(x, index, pos, out_dtype=torch.float32, backend="triton")
-        return scatter_tokens(tokens * 2.0, index, x.shape[0] * x.shape[1], backend="triton").sum()
+        unique = gather_tokens(x, index[:3], pos, backend="triton", unique=True)  # index[:3] has no repeat
+        return scatter_tokens(tokens * 2.0, index, x.shape[0] * x.shape[1], backend="triton").sum() + unique.sum()
 
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(2, 5, 24, generator=gen).to(DEVICE).requires_grad_()
     pos = torch.randn(5, 24, generator=gen).to(DEVICE)
-    index = torch.tensor([9, 0, 3, 3, 7], dtype=torch.int32, device=DEVICE)
+    torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
-    loss = compiled(x, pos, index)
-    (gx,) = torch.autograd.grad(loss, x)
-    eager = step(x, pos, index)
-    (ex,) = torch.autograd.grad(eager, x)
-    torch.testing.assert_close(loss, eager)
-    torch.testing.assert_close(gx, ex)
+    # a new token count every step (packed masks): after dynamo's one automatic-dynamic recompile on the
+    # second count, further counts must not compile again
+    for i, count in enumerate((5, 7, 9, 4)):
+        idx = torch.tensor([9, 0, 3, 3, 7, 1, 8, 2, 6][:count], dtype=torch.int32, device=DEVICE)
+        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
+            loss = compiled(x, pos, idx)
+        (gx,) = torch.autograd.grad(loss, x)
+        eager = step(x, pos, idx)
+        (ex,) = torch.autograd.grad(eager, x)
+        torch.testing.assert_close(loss, eager)
+        torch.testing.assert_close(gx, ex)
+    torch._dynamo.reset()
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the range check runs on CPU tensors only (no host sync on CUDA)")

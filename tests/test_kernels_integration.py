@@ -48,3 +48,54 @@ def test_triton_backend_without_triton_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="model.attention_backend='triton' needs the triton package"):
         resolve_backend("triton")
     assert resolve_backend("auto") == "auto"
+
+
+def test_predictor_adds_the_mask_token_outside_the_gather(monkeypatch):
+    """The predictor's gather never sees the mask-token row (a hot row would serialise the kernel's
+    atomics), and the result and every gradient equal the old formulation: a gather from
+    ``cat(context rows, mask token)`` by ``pred_src``."""
+    import fastjepa.models.predictor as predictor_mod
+    from fastjepa.config import MaskConfig
+    from fastjepa.masks import MaskSampler
+    from fastjepa.models import Predictor
+
+    torch.manual_seed(0)
+    pred = Predictor(grid=(4, 4), embed_dim=24, pred_dim=16, depth=1, num_heads=2).double()
+    masks = MaskSampler(MaskConfig(min_keep=1), (4, 4))(3, seed=1)
+    context = torch.randn(masks.ctx_index.shape[0], 24, dtype=torch.float64, requires_grad=True)
+    gathered = []
+    real = predictor_mod.gather_tokens
+    monkeypatch.setattr(predictor_mod, "gather_tokens", lambda x, i, **k: gathered.append((x.shape[0], i)) or real(x, i, **k))
+    out = pred(context, masks)
+    (x_rows, index), = gathered
+    assert x_rows == context.shape[0] and int(index.max()) < x_rows  # context rows only
+
+    def old_forward(context):
+        x = pred.predictor_embed(context)
+        table = torch.cat([x, pred.mask_token.to(x.dtype)], dim=0)
+        x = table.index_select(0, masks.pred_src) + pred.pos_embed.to(x.dtype).index_select(0, masks.pred_pos)
+        x = pred.blocks[0](x, masks.pred_cu_seqlens, masks.pred_max_seqlen)
+        return pred.predictor_proj(pred.norm(x.index_select(0, masks.pred_out)))
+
+    up = torch.randn_like(out)
+    params = [context, pred.mask_token, pred.predictor_embed.weight]
+    new = torch.autograd.grad(out, params, up)
+    old = torch.autograd.grad(old_forward(context), params, up)
+    torch.testing.assert_close(out, old_forward(context), rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(("context", "mask_token", "predictor_embed"), new, old):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    assert new[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_patchify_gives_contiguous_patch_rows(in_chans):
+    """The encoder's gather reads [B, N, D] rows with unit stride (vectorised): patchify returns a
+    contiguous tensor, the same values as the conv's transposed output."""
+    from fastjepa.models import VisionTransformer
+
+    torch.manual_seed(0)
+    enc = VisionTransformer(img_size=16, patch_size=4, in_chans=in_chans, embed_dim=32, depth=1, num_heads=2)
+    images = torch.randn(2, in_chans, 16, 16)
+    x = enc.patchify(images)
+    assert x.shape == (2, 16, 32) and x.is_contiguous()
+    torch.testing.assert_close(x, enc.patch_embed(images).flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-6)

@@ -4,7 +4,8 @@ Runs compiled on CUDA and in Triton's interpreter on CPU (tests/conftest.py sets
 Covers odd T and D (24, 96, 130, and 300 > one 256-column chunk), int32/int64 indices with repeats,
 both loss kinds and both smooth-L1 branches, large-magnitude targets (mean >> std), pred in
 fp32/bf16/fp16 and targets in fp32/bf16, NaN-poisoned outputs, the gradient of ``pred`` under a
-non-unit upstream gradient, determinism, the custom-op registration and ``torch.compile``.
+non-unit upstream gradient, an fp16 gradient whose ``1 / (T D)`` is below fp16's normal range, the
+``eps`` argument, determinism, the custom-op registration and ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -28,13 +29,13 @@ def poisoned_outputs(monkeypatch, helpers):
     monkeypatch.setattr(loss_mod, "_empty", helpers.nan_empty)
 
 
-def loss64(pred, target, index, kind):
+def loss64(pred, target, index, kind, eps=1e-6):
     """float64 loss and d loss / d pred, independent of the module: explicit mean/var and branches."""
     D = pred.shape[-1]
     rows = target.double().reshape(-1, D)[index.long()]
     mu = rows.mean(-1, keepdim=True)
     var = ((rows - mu) ** 2).mean(-1, keepdim=True)
-    d = pred.double() - (rows - mu) / torch.sqrt(var + 1e-6)
+    d = pred.double() - (rows - mu) / torch.sqrt(var + eps)
     if kind == "smooth_l1":
         elem, grad = torch.where(d.abs() < 1, 0.5 * d * d, d.abs() - 0.5), d.clamp(-1, 1)
     else:
@@ -122,6 +123,42 @@ def test_target_loss_tiny_variance_uses_eps():
     check(pred.to(DEVICE), target.to(DEVICE), index.to(DEVICE), "l2", loss_rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_eps_argument(backend):
+    """eps = 1e-5 (the official target normalisation) on targets of variance ~eps: both backends follow it."""
+    gen = torch.Generator().manual_seed(17)
+    target = (3e-3 * torch.randn(2, 4, 96, generator=gen)).to(DEVICE)
+    pred = torch.randn(9, 96, generator=gen).to(DEVICE).requires_grad_()
+    index = torch.randint(0, 8, (9,), generator=gen).to(DEVICE)
+    loss = jepa_target_loss(pred, target, index, "l2", backend=backend, eps=1e-5)
+    (grad,) = torch.autograd.grad(loss, pred)
+    ref, ref_grad, _ = loss64(pred.detach().cpu(), target.cpu(), index.cpu(), "l2", eps=1e-5)
+    other, _, _ = loss64(pred.detach().cpu(), target.cpu(), index.cpu(), "l2", eps=1e-6)
+    assert abs(other.item() - ref.item()) > 1e-2 * ref.item()  # the two eps give clearly different losses
+    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+    torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=1e-4, atol=1e-5 * ref_grad.abs().max().item())
+
+
+def test_fp16_gradient_survives_a_tiny_mean_factor():
+    """fp16 pred with T * D = 2**20: ``1 / (T D)`` ~ 1e-6 is an fp16 subnormal (4 significant bits at
+    best), so a gradient stored already scaled loses most of its bits, and above T D ~ 6e7 (ViT-H at
+    batch 256) all of them. With the loss scale of mixed-precision training (2**16 here) the true
+    gradient is well inside fp16's range and must come out fp16-accurate."""
+    gen = torch.Generator().manual_seed(18)
+    B, N, T, D = 2, 64, 1024, 1024
+    target = torch.randn(B, N, D, generator=gen).to(DEVICE)
+    pred = (torch.randn(T, D, generator=gen) * 1.5).half().to(DEVICE)
+    index = torch.randint(0, B * N, (T,), generator=gen).to(torch.int32).to(DEVICE)
+    scale = 2.0**16
+    loss, grad = run(pred, target, index, "smooth_l1", upstream=scale)
+    _, ref_grad, _ = loss64(pred.cpu(), target.cpu(), index.cpu(), "smooth_l1")
+    ref_grad = ref_grad * scale
+    assert ref_grad.abs().max() < 0.1 and (ref_grad.abs() > 2.0**-14).float().mean() > 0.5  # normal fp16
+    err = (grad.double().cpu() - ref_grad).abs()
+    # one fp16 rounding of clamp(d) and one of the product: ~2 half-ulps of each element
+    assert (err <= 2.0**-10 * ref_grad.abs() + 2.0**-24).all(), err.max().item()
+
+
 def test_target_loss_deterministic_and_no_target_grad():
     gen = torch.Generator().manual_seed(14)
     target = torch.randn(2, 9, 130, generator=gen).to(DEVICE).requires_grad_()
@@ -153,8 +190,10 @@ def test_custom_op_passes_opcheck():
     pred = torch.randn(9, 40, generator=gen).to(DEVICE).requires_grad_()
     target = torch.randn(2, 5, 40, generator=gen).to(DEVICE)
     index = torch.randint(0, 10, (9,), generator=gen).to(torch.int32).to(DEVICE)
-    torch.library.opcheck(loss_mod._target_loss_op, (pred, target, index, False),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(loss_mod._target_loss_op, (pred, target, index, False, 1e-6), test_utils=tests)
+    grad = torch.randn(9, 40, generator=gen).to(DEVICE)
+    torch.library.opcheck(loss_mod._target_loss_bwd_op, (grad, torch.tensor(3.0, device=DEVICE)), test_utils=tests)
 
 
 def test_torch_compile_fullgraph():

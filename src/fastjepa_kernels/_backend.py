@@ -22,9 +22,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def use_triton(op: str, backend: str, tensors, dtypes, reference: str = "reference", supported: bool = True) -> bool:
+def debugging() -> bool:
+    """``FASTJEPA_KERNELS_DEBUG=1``: the ops check what they otherwise trust the caller with (packing,
+    index ranges, unique indices), with host syncs. Off by default: no cost."""
+    return os.environ.get("FASTJEPA_KERNELS_DEBUG", "0") not in ("", "0")
+
+
+def use_triton(op: str, backend: str, tensors, dtypes=TRITON_DTYPES, reference: str = "reference",
+               supported: bool = True, auto_takes_kernel: bool = True) -> bool:
     """True for the Triton path of ``op``. ``auto``: Triton when it is installed, every tensor is on CUDA
-    with a dtype in ``dtypes`` and ``supported`` holds, else the reference. ``triton``: the same
+    with a dtype in ``dtypes``, ``supported`` holds and ``auto_takes_kernel`` (False for an op whose
+    kernel has not yet beaten its reference on a GPU), else the reference. ``triton``: the same
     conditions, each failing one a clear error (CPU tensors only under the interpreter)."""
     backends = (reference, "triton", "auto")
     if backend not in backends:
@@ -34,7 +42,7 @@ def use_triton(op: str, backend: str, tensors, dtypes, reference: str = "referen
     dtypes_ok = all(t.dtype in dtypes for t in tensors)
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "auto":
-        return TRITON_AVAILABLE and dtypes_ok and supported and on_cuda
+        return auto_takes_kernel and TRITON_AVAILABLE and dtypes_ok and supported and on_cuda
     if not TRITON_AVAILABLE:
         raise RuntimeError(f"{op} backend 'triton' needs the triton package (pip install triton)")
     if not dtypes_ok:
@@ -44,4 +52,4 @@ def use_triton(op: str, backend: str, tensors, dtypes, reference: str = "referen
     return True
 
 
-__all__ = ["TRITON_AVAILABLE", "TRITON_DTYPES", "interpreting", "use_triton"]
+__all__ = ["TRITON_AVAILABLE", "TRITON_DTYPES", "debugging", "interpreting", "use_triton"]

@@ -1,10 +1,10 @@
 """Ahead-of-time compilation of every kernel configuration, for a GPU this machine need not have.
 
 ``python -m fastjepa_kernels.aot [--arch 80 90] [--json]`` compiles, for each target architecture,
-every (kernel, configuration, dtype, head dim) the launchers or their autotuners can pick, and reports
-the shared memory each uses and whether the code uses Hopper's ``wgmma`` instructions. It needs no GPU
-(``triton.compile`` with a ``GPUTarget``), so CI proves on a CPU machine that the kernels compile for
-Ampere and Hopper and fit the chip.
+every (kernel, configuration, dtype, head dim) the launchers can pick (and every attention
+configuration the benchmarks A/B), and reports the shared memory each uses and whether the code uses
+Hopper's ``wgmma`` instructions. It needs no GPU (``triton.compile`` with a ``GPUTarget``), so CI
+proves on a CPU machine that the kernels compile for Ampere and Hopper and fit the chip.
 
 Each kernel module lists its variants in ``aot_specs() -> list[AotSpec]``. Run this without
 ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit`` functions with Python ones).
@@ -17,6 +17,8 @@ import importlib
 import json
 import os
 import sys
+
+from ._backend import interpreting
 
 # shared memory per block, bytes (CUDA programming guide, "Technical Specifications per Compute Capability")
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -104,7 +106,7 @@ def _compile_indexed(job) -> AotResult:
 
 def compile_all(archs=(80, 90), only: str | None = None, jobs: int = 1) -> list[AotResult]:
     """Compile every collected variant (name containing ``only``) for every arch, ``jobs`` processes."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         raise RuntimeError("fastjepa_kernels.aot: unset TRITON_INTERPRET (the interpreter cannot compile kernels)")
     specs = collect_specs()
     work = [(i, arch) for arch in archs for i, s in enumerate(specs) if only is None or only in s.name]

@@ -21,8 +21,10 @@ Triton design:
   launches ``min(ceil(T / 64) + B, B * ceil(max_seqlen / 64))`` programs per head (an upper bound on
   ``sum_i ceil(len_i / 64)``) and a device-side table, built from ``cu_seqlens`` with a handful of torch
   ops (no host sync), maps program ``p`` to ``(sequence, tile)``; programs past the real tile count
-  read sequence ``-1``, treat it as length 0 and store nothing. The table is cached per
-  ``cu_seqlens`` tensor (same object and version), so the 32 layers of an encoder pass build it once.
+  read sequence ``-1``, treat it as length 0 and store nothing. The table is built inside
+  the custom ops (so ``torch.compile`` never traces it into a block's graph) and cached per
+  ``cu_seqlens`` tensor (same object and version), so the 32 layers of an encoder pass, forward and
+  backward, build it once.
   One tile size (64 rows) serves every kernel so one table serves forward and backward: the I-JEPA
   sequences are 90-260 tokens, where 64-row tiles waste at most 63 rows per sequence (128-row tiles
   would waste up to 127; they would help only long sequences by reusing K/V tiles more).
@@ -54,24 +56,33 @@ Triton design:
   backward, zero K / Q / dO rows make padded keys or queries contribute nothing).
 - fp32 inputs use ``input_precision="ieee"`` dots (exact fp32, no tensor cores: for tests and
   references); bf16/fp16 use tensor cores with fp32 accumulation.
-- CUDA: ``triton.autotune`` over 2 configurations per kernel (1 for fp32), keyed on (head dim,
-  ``max_seqlen`` bucket = next power of two clamped to [16, 4096], dtypes). Under the interpreter a
-  fixed configuration is used (tests may force each one). Two interpreter-only shims (Triton 3.6 with
-  NumPy 2.4) live in ``_mm`` / ``_loop_end``; the compiled kernels do not see them.
+- Launch configurations are fixed, not autotuned: :data:`CONFIG_TABLE` maps (compute capability
+  major, head dim, dtype) to one configuration per kernel. The tile sizes set the order in which each
+  row's sums are formed, so a per-process autotuner could give two runs, a resumed run or two ranks
+  different bits, and it benchmarked in the middle of training whenever a new key (a ``max_seqlen``
+  bucket) appeared. Same inputs, same GPU kind: same bits. Benchmarks A/B the alternatives in
+  :data:`CANDIDATES` through :func:`override_configs`; ``fastjepa_kernels.aot`` compiles them all.
+  Two interpreter-only shims (Triton 3.6 with NumPy 2.4) live in ``_mm`` / ``_loop_end``; the compiled
+  kernels do not see them.
 - ``max_seqlen`` must be >= every length (it bounds the grid, as in flash-attn); the kernels read the
-  real lengths from ``cu_seqlens``.
+  real lengths from ``cu_seqlens``. Rows outside ``cu_seqlens`` or lengths above ``max_seqlen`` are
+  never written; ``FASTJEPA_KERNELS_DEBUG=1`` checks both on every launch (host syncs: debugging only)
+  and raises a one-line error. Under ``torch.compile`` ``max_seqlen`` may be a symbolic int: nothing
+  here specialises on its value, so a new value does not recompile a graph.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import math
 import os
 import weakref
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ._backend import TRITON_DTYPES, interpreting, use_triton
+from ._backend import TRITON_DTYPES, debugging, interpreting, use_triton
 
 try:
     import triton
@@ -125,10 +136,11 @@ def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen: int, softmax_sca
 # configuration
 # ---------------------------------------------------------------------------------------------------
 TILE = 64  # rows per program in every kernel: query rows (forward, dQ) or key rows (dK/dV)
-AOT_HEAD_DIMS = (24, 32, 64, 80, 96, 128)  # ViT-H predictor (24) and encoder (80), and the usual ones
 _INTERPRETING = interpreting()  # fixed when the kernels are decorated
 # Tests set this to allocate every output with NaN, so an element a kernel fails to write shows up.
 POISON_OUTPUTS = os.environ.get("FASTJEPA_KERNELS_POISON", "0") not in ("", "0")
+# Check cu_seqlens against the tokens and max_seqlen on every launch (host syncs; debugging only).
+DEBUG = debugging()
 
 
 def head_dim_chunks(dim: int) -> tuple[int, int]:
@@ -146,41 +158,100 @@ def head_dim_chunks(dim: int) -> tuple[int, int]:
     return d0, d1
 
 
-def seqlen_bucket(max_seqlen: int) -> int:
-    """Autotuning key: the next power of two of ``max_seqlen``, clamped to [16, 4096]."""
-    return min(4096, max(16, 1 << max(0, int(max_seqlen) - 1).bit_length()))
-
-
 def _supported_head_dim(dim: int) -> bool:
     return 8 <= dim <= 128 and dim % 8 == 0
 
 
-if triton is not None:
-    # (inner tile, num_warps, num_stages). The inner tile is the key block in the forward and dQ loops
-    # and the query block in the dK/dV loop. Shared memory at d = 128, bf16, sm_80 (163 KB): forward
-    # 128-key tiles with 2 stages hold K and V at 2 x 2 x 32 KB + Q 16 KB = 144 KB. The last entry of each
-    # list is the fp32 one (ieee dots, small tiles: fp32 is for tests and references, not for speed).
-    _FWD_CONFIGS = [
-        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
-    ]
-    _DQ_CONFIGS = [
-        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
-    ]
-    _DKDV_CONFIGS = [
-        triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=2),
-    ]
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration. ``inner``: the key block (``BLOCK_N``) of the forward and dQ loops, the
+    query block (``BLOCK_M``) of the dK/dV loop; the outer tile is always :data:`TILE` rows. ``heads``:
+    heads per program, unrolled (1 when the head count is not a multiple); each head's maths and
+    summation order are the same whatever the value."""
 
-    def _configs_for(configs, dtype):
-        return configs[-1:] if dtype == torch.float32 else configs[:-1]
+    inner: int
+    num_warps: int = 4
+    num_stages: int = 3
+    heads: int = 1
 
-    def _prune_by_dtype(configs, named_args, **kwargs):
-        return _configs_for(configs, named_args["Q"].dtype)
+    @property
+    def label(self) -> str:
+        return f"{self.inner},w{self.num_warps},s{self.num_stages}" + (f",h{self.heads}" if self.heads > 1 else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    fwd: KernelConfig
+    dq: KernelConfig
+    dkdv: KernelConfig
+
+
+KERNELS = ("fwd", "dq", "dkdv")
+# Every configuration a launch may use: the table's entries and the alternatives the benchmarks A/B
+# (benchmarks/test_kernels_attention.py::test_attention_config_candidates). ``fastjepa_kernels.aot``
+# compiles each for sm_80 and sm_90. Shared memory at d = 128, bf16 (AOT, sm_90): forward 112 KB (64-key
+# blocks, 3 stages) / 144 KB (128-key, 2 stages); dQ 80 / 96 KB; dK/dV 80 / 96 KB; on sm_80 every one
+# is <= 96 KB, so each also fits the 99 KB of sm_86/sm_89. The two-heads-per-program variants are for
+# the predictor's d = 24 (~154-token sequences, latency-bound: 38 TFLOP/s forward on an H100, 5.5 % of
+# the measured GEMM rate; benchmarks/results/h100-sxm-2026-11-28-5c15091.json) and wait for a device
+# check to show whether they win there (compiled AOT for head dims <= MULTI_HEAD_MAX_DIM only).
+MULTI_HEAD_MAX_DIM = 32
+CANDIDATES = {
+    "fwd": (KernelConfig(64, 4, 3), KernelConfig(128, 4, 2), KernelConfig(64, 4, 3, heads=2)),
+    "dq": (KernelConfig(32, 4, 3), KernelConfig(64, 4, 2), KernelConfig(32, 4, 3, heads=2)),
+    "dkdv": (KernelConfig(32, 4, 3), KernelConfig(64, 4, 2), KernelConfig(32, 4, 3, heads=2)),
+}
+# fp32 (ieee dots, no tensor cores) is for tests and references, not for speed: small tiles everywhere.
+FP32_CONFIG = AttentionConfig(KernelConfig(32, 4, 2), KernelConfig(32, 4, 2), KernelConfig(32, 4, 2))
+# The 16-bit default: the first candidate of each kernel (the configuration the interpreter tests have
+# always run). benchmarks/results/h100-sxm-2026-11-28-5c15091.json timed the autotuner's pick without
+# recording which it was, so no measurement decides between the candidates yet: the next device check
+# must confirm (or replace) these entries with test_attention_config_candidates.
+DEFAULT_16BIT = AttentionConfig(CANDIDATES["fwd"][0], CANDIDATES["dq"][0], CANDIDATES["dkdv"][0])
+AOT_HEAD_DIMS = (24, 32, 64, 80, 88, 96, 128)  # ViT-H predictor (24), ViT-H encoder (80), ViT-g (88)
+# (compute capability major, head dim, dtype) -> configuration. Source of every entry: DEFAULT_16BIT
+# (see above; unmeasured). Keys not listed (another GPU, another head dim) fall back to DEFAULT_16BIT,
+# fp32 always takes FP32_CONFIG. Edit single entries here as device checks measure them.
+CONFIG_TABLE: dict = {
+    (arch, dim, dtype): DEFAULT_16BIT
+    for arch in (8, 9)  # Ampere (A100; sm_86/89 too), Hopper (H100, H200)
+    for dim in AOT_HEAD_DIMS
+    for dtype in (torch.bfloat16, torch.float16)
+}
+_OVERRIDE: dict = {}  # kernel name -> KernelConfig, set only by override_configs (benchmarks, tests)
+
+
+def config_for(arch, dim: int, dtype: torch.dtype) -> AttentionConfig:
+    """The fixed configuration of (compute capability major or None under the interpreter, head dim,
+    dtype), with any :func:`override_configs` applied."""
+    if dtype == torch.float32:
+        config = FP32_CONFIG
+    else:
+        config = CONFIG_TABLE.get((arch, dim, dtype), DEFAULT_16BIT)
+    return dataclasses.replace(config, **_OVERRIDE) if _OVERRIDE else config
+
+
+@contextlib.contextmanager
+def override_configs(**kernels: KernelConfig):
+    """Run the kernels named (``fwd``, ``dq``, ``dkdv``) with these configurations instead of the table's,
+    for A/B timing in benchmarks and for tests; each must be one of :data:`CANDIDATES` (compiled AOT)."""
+    for name, config in kernels.items():
+        if name not in KERNELS:
+            raise ValueError(f"unknown attention kernel {name!r}; choose from {KERNELS}")
+        if config not in CANDIDATES[name] and config != getattr(FP32_CONFIG, name):
+            raise ValueError(f"{name} config {config} is not among the compiled candidates {CANDIDATES[name]}")
+    saved = dict(_OVERRIDE)
+    _OVERRIDE.update(kernels)
+    try:
+        yield
+    finally:
+        _OVERRIDE.clear()
+        _OVERRIDE.update(saved)
+
+
+@functools.cache
+def _arch(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,195 +326,198 @@ if triton is not None:
     def _attention_fwd_kernel(
         Q, K, V, O, LSE, CU_SEQLENS, TILES,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-        total_tokens, qk_scale, SEQ_BUCKET,
+        total_tokens, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HEADS_PER_PROGRAM: tl.constexpr,
     ):
-        """One (sequence, 64-query tile, head): ``O = softmax(Q K^T * scale) V`` and ``LSE`` (base 2).
+        """One (sequence, 64-query tile, head or heads): ``O = softmax(Q K^T * scale) V`` and ``LSE`` (base 2).
 
         ``qk_scale = softmax_scale * log2(e)``, so ``exp2(qk_scale * s) = exp(softmax_scale * s)``.
         FA2 forward (Dao 2023, arXiv:2307.08691, Algorithm 1) with the running max and sum per row."""
         start, seqlen, tile = _tile_of_program(CU_SEQLENS, TILES)
-        head = tl.program_id(1)
-        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < seqlen
-        rows_q = start + offs_m
-        q_base = _head(Q, head, stride_qh)
-        k_base = _head(K, head, stride_kh)
-        v_base = _head(V, head, stride_vh)
-        q0 = _load_rows(q_base, rows_q, m_ok, stride_qt, 0, BLOCK_D0, HEAD_DIM)
-        acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
-        if BLOCK_D1 > 0:
-            q1 = _load_rows(q_base, rows_q, m_ok, stride_qt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-            acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for n0 in range(0, _loop_end(seqlen), BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < seqlen
-            rows_k = start + offs_n
-            k0 = _load_rows(k_base, rows_k, n_ok, stride_kt, 0, BLOCK_D0, HEAD_DIM)
-            s = _mm(q0, tl.trans(k0), DOT_PRECISION)
+        # one program runs HEADS_PER_PROGRAM heads of its (sequence, tile), unrolled: the table lookup
+        # is shared and one head's loads can overlap another's maths (short sequences are latency-bound)
+        for head_in_program in tl.static_range(HEADS_PER_PROGRAM):
+            head = tl.program_id(1) * HEADS_PER_PROGRAM + head_in_program
+            offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < seqlen
+            rows_q = start + offs_m
+            q_base = _head(Q, head, stride_qh)
+            k_base = _head(K, head, stride_kh)
+            v_base = _head(V, head, stride_vh)
+            q0 = _load_rows(q_base, rows_q, m_ok, stride_qt, 0, BLOCK_D0, HEAD_DIM)
+            acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
             if BLOCK_D1 > 0:
-                k1 = _load_rows(k_base, rows_k, n_ok, stride_kt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-                s = _mm_acc(q1, tl.trans(k1), s, DOT_PRECISION)
-            # every key block starts inside the sequence, so each row has a finite maximum
-            s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v0 = _load_rows(v_base, rows_k, n_ok, stride_vt, 0, BLOCK_D0, HEAD_DIM)
-            acc0 = _mm_acc(p.to(v0.dtype), v0, acc0 * alpha[:, None], DOT_PRECISION)
+                q1 = _load_rows(q_base, rows_q, m_ok, stride_qt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for n0 in range(0, _loop_end(seqlen), BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < seqlen
+                rows_k = start + offs_n
+                k0 = _load_rows(k_base, rows_k, n_ok, stride_kt, 0, BLOCK_D0, HEAD_DIM)
+                s = _mm(q0, tl.trans(k0), DOT_PRECISION)
+                if BLOCK_D1 > 0:
+                    k1 = _load_rows(k_base, rows_k, n_ok, stride_kt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                    s = _mm_acc(q1, tl.trans(k1), s, DOT_PRECISION)
+                # every key block starts inside the sequence, so each row has a finite maximum
+                s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v0 = _load_rows(v_base, rows_k, n_ok, stride_vt, 0, BLOCK_D0, HEAD_DIM)
+                acc0 = _mm_acc(p.to(v0.dtype), v0, acc0 * alpha[:, None], DOT_PRECISION)
+                if BLOCK_D1 > 0:
+                    v1 = _load_rows(v_base, rows_k, n_ok, stride_vt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                    acc1 = _mm_acc(p.to(v1.dtype), v1, acc1 * alpha[:, None], DOT_PRECISION)
+                m_i = m_new
+            l_i = tl.where(l_i > 0.0, l_i, 1.0)  # 0 only in programs past the real tiles (nothing stored)
+            inv_l = 1.0 / l_i
+            o_base = _head(O, head, stride_oh)
+            _store_rows(o_base, acc0 * inv_l[:, None], rows_q, m_ok, stride_ot, 0, BLOCK_D0, HEAD_DIM)
             if BLOCK_D1 > 0:
-                v1 = _load_rows(v_base, rows_k, n_ok, stride_vt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-                acc1 = _mm_acc(p.to(v1.dtype), v1, acc1 * alpha[:, None], DOT_PRECISION)
-            m_i = m_new
-        l_i = tl.where(l_i > 0.0, l_i, 1.0)  # 0 only in programs past the real tiles (nothing stored)
-        inv_l = 1.0 / l_i
-        o_base = _head(O, head, stride_oh)
-        _store_rows(o_base, acc0 * inv_l[:, None], rows_q, m_ok, stride_ot, 0, BLOCK_D0, HEAD_DIM)
-        if BLOCK_D1 > 0:
-            _store_rows(o_base, acc1 * inv_l[:, None], rows_q, m_ok, stride_ot, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-        tl.store(LSE + head * total_tokens + rows_q, m_i + tl.math.log2(l_i), mask=m_ok)
+                _store_rows(o_base, acc1 * inv_l[:, None], rows_q, m_ok, stride_ot, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+            tl.store(LSE + head * total_tokens + rows_q, m_i + tl.math.log2(l_i), mask=m_ok)
 
     @triton.jit
     def _attention_bwd_dq_kernel(
         Q, K, V, O, DO, DQ, LSE, DELTA, CU_SEQLENS, TILES,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         stride_dot, stride_doh, stride_dqt, stride_dqh,
-        total_tokens, qk_scale, softmax_scale, SEQ_BUCKET,
+        total_tokens, qk_scale, softmax_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HEADS_PER_PROGRAM: tl.constexpr,
     ):
         """One (sequence, 64-query tile, head): ``delta = rowsum(dO * O)`` (stored for the dK/dV pass) and
         ``dQ = scale * sum_j dS_j K_j`` with ``P = exp2(S' - LSE)``, ``dS = P * (dO V^T - delta)``
         (FA2 backward, Dao 2023, Algorithm 2)."""
         start, seqlen, tile = _tile_of_program(CU_SEQLENS, TILES)
-        head = tl.program_id(1)
-        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < seqlen
-        rows_q = start + offs_m
-        q_base = _head(Q, head, stride_qh)
-        k_base = _head(K, head, stride_kh)
-        v_base = _head(V, head, stride_vh)
-        do_base = _head(DO, head, stride_doh)
-        o_base = _head(O, head, stride_oh)
-        q0 = _load_rows(q_base, rows_q, m_ok, stride_qt, 0, BLOCK_D0, HEAD_DIM)
-        do0 = _load_rows(do_base, rows_q, m_ok, stride_dot, 0, BLOCK_D0, HEAD_DIM)
-        o0 = _load_rows(o_base, rows_q, m_ok, stride_ot, 0, BLOCK_D0, HEAD_DIM)
-        delta = tl.sum(do0.to(tl.float32) * o0.to(tl.float32), 1)
-        dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
-        if BLOCK_D1 > 0:
-            q1 = _load_rows(q_base, rows_q, m_ok, stride_qt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-            do1 = _load_rows(do_base, rows_q, m_ok, stride_dot, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-            o1 = _load_rows(o_base, rows_q, m_ok, stride_ot, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-            delta += tl.sum(do1.to(tl.float32) * o1.to(tl.float32), 1)
-            dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
-        tl.store(DELTA + head * total_tokens + rows_q, delta, mask=m_ok)
-        lse = tl.load(LSE + head * total_tokens + rows_q, mask=m_ok, other=0.0)
-        for n0 in range(0, _loop_end(seqlen), BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < seqlen
-            rows_k = start + offs_n
-            k0 = _load_rows(k_base, rows_k, n_ok, stride_kt, 0, BLOCK_D0, HEAD_DIM)
-            v0 = _load_rows(v_base, rows_k, n_ok, stride_vt, 0, BLOCK_D0, HEAD_DIM)
-            s = _mm(q0, tl.trans(k0), DOT_PRECISION)
-            dp = _mm(do0, tl.trans(v0), DOT_PRECISION)
+        # one program runs HEADS_PER_PROGRAM heads of its (sequence, tile), unrolled: the table lookup
+        # is shared and one head's loads can overlap another's maths (short sequences are latency-bound)
+        for head_in_program in tl.static_range(HEADS_PER_PROGRAM):
+            head = tl.program_id(1) * HEADS_PER_PROGRAM + head_in_program
+            offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < seqlen
+            rows_q = start + offs_m
+            q_base = _head(Q, head, stride_qh)
+            k_base = _head(K, head, stride_kh)
+            v_base = _head(V, head, stride_vh)
+            do_base = _head(DO, head, stride_doh)
+            o_base = _head(O, head, stride_oh)
+            q0 = _load_rows(q_base, rows_q, m_ok, stride_qt, 0, BLOCK_D0, HEAD_DIM)
+            do0 = _load_rows(do_base, rows_q, m_ok, stride_dot, 0, BLOCK_D0, HEAD_DIM)
+            o0 = _load_rows(o_base, rows_q, m_ok, stride_ot, 0, BLOCK_D0, HEAD_DIM)
+            delta = tl.sum(do0.to(tl.float32) * o0.to(tl.float32), 1)
+            dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
             if BLOCK_D1 > 0:
-                k1 = _load_rows(k_base, rows_k, n_ok, stride_kt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-                v1 = _load_rows(v_base, rows_k, n_ok, stride_vt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-                s = _mm_acc(q1, tl.trans(k1), s, DOT_PRECISION)
-                dp = _mm_acc(do1, tl.trans(v1), dp, DOT_PRECISION)
-            # padded keys get a finite P too (score 0, not -inf), but their K rows are zeros, so their
-            # dS adds nothing to dQ: no mask needed (likewise padded queries in the dK/dV pass)
-            p = tl.math.exp2(s * qk_scale - lse[:, None])
-            ds = (p * (dp - delta[:, None])).to(k0.dtype)
-            dq0 = _mm_acc(ds, k0, dq0, DOT_PRECISION)
+                q1 = _load_rows(q_base, rows_q, m_ok, stride_qt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                do1 = _load_rows(do_base, rows_q, m_ok, stride_dot, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                o1 = _load_rows(o_base, rows_q, m_ok, stride_ot, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                delta += tl.sum(do1.to(tl.float32) * o1.to(tl.float32), 1)
+                dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+            tl.store(DELTA + head * total_tokens + rows_q, delta, mask=m_ok)
+            lse = tl.load(LSE + head * total_tokens + rows_q, mask=m_ok, other=0.0)
+            for n0 in range(0, _loop_end(seqlen), BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < seqlen
+                rows_k = start + offs_n
+                k0 = _load_rows(k_base, rows_k, n_ok, stride_kt, 0, BLOCK_D0, HEAD_DIM)
+                v0 = _load_rows(v_base, rows_k, n_ok, stride_vt, 0, BLOCK_D0, HEAD_DIM)
+                s = _mm(q0, tl.trans(k0), DOT_PRECISION)
+                dp = _mm(do0, tl.trans(v0), DOT_PRECISION)
+                if BLOCK_D1 > 0:
+                    k1 = _load_rows(k_base, rows_k, n_ok, stride_kt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                    v1 = _load_rows(v_base, rows_k, n_ok, stride_vt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                    s = _mm_acc(q1, tl.trans(k1), s, DOT_PRECISION)
+                    dp = _mm_acc(do1, tl.trans(v1), dp, DOT_PRECISION)
+                # padded keys (score 0: zero K rows) must get P = 0: exp2(0 - lse) overflows to inf once lse
+                # is very negative (every real score far below 0), and inf * 0 in ds @ K would make the
+                # whole dQ row NaN. (In the dK/dV pass padded queries read lse = +inf, so P = 0 there.)
+                p = tl.math.exp2(tl.where(n_ok[None, :], s * qk_scale - lse[:, None], float("-inf")))
+                ds = (p * (dp - delta[:, None])).to(k0.dtype)
+                dq0 = _mm_acc(ds, k0, dq0, DOT_PRECISION)
+                if BLOCK_D1 > 0:
+                    dq1 = _mm_acc(ds, k1, dq1, DOT_PRECISION)
+            dq_base = _head(DQ, head, stride_dqh)
+            _store_rows(dq_base, dq0 * softmax_scale, rows_q, m_ok, stride_dqt, 0, BLOCK_D0, HEAD_DIM)
             if BLOCK_D1 > 0:
-                dq1 = _mm_acc(ds, k1, dq1, DOT_PRECISION)
-        dq_base = _head(DQ, head, stride_dqh)
-        _store_rows(dq_base, dq0 * softmax_scale, rows_q, m_ok, stride_dqt, 0, BLOCK_D0, HEAD_DIM)
-        if BLOCK_D1 > 0:
-            _store_rows(dq_base, dq1 * softmax_scale, rows_q, m_ok, stride_dqt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                _store_rows(dq_base, dq1 * softmax_scale, rows_q, m_ok, stride_dqt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
 
     @triton.jit
     def _attention_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, TILES,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-        total_tokens, qk_scale, softmax_scale, SEQ_BUCKET,
+        total_tokens, qk_scale, softmax_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HEADS_PER_PROGRAM: tl.constexpr,
     ):
         """One (sequence, 64-key tile, head): ``dV = sum_i P_i^T dO_i`` and ``dK = scale * sum_i dS_i^T Q_i``,
         computed transposed (``P^T = exp2(K Q^T * qk_scale - LSE)``) so rows stay keys (FA2 Algorithm 2)."""
         start, seqlen, tile = _tile_of_program(CU_SEQLENS, TILES)
-        head = tl.program_id(1)
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < seqlen
-        rows_k = start + offs_n
-        q_base = _head(Q, head, stride_qh)
-        k_base = _head(K, head, stride_kh)
-        v_base = _head(V, head, stride_vh)
-        do_base = _head(DO, head, stride_doh)
-        k0 = _load_rows(k_base, rows_k, n_ok, stride_kt, 0, BLOCK_D0, HEAD_DIM)
-        v0 = _load_rows(v_base, rows_k, n_ok, stride_vt, 0, BLOCK_D0, HEAD_DIM)
-        dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
-        dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
-        if BLOCK_D1 > 0:
-            k1 = _load_rows(k_base, rows_k, n_ok, stride_kt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-            v1 = _load_rows(v_base, rows_k, n_ok, stride_vt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-            dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
-            dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
-        for m0 in range(0, _loop_end(seqlen), BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < seqlen
-            rows_q = start + offs_m
-            q0 = _load_rows(q_base, rows_q, m_ok, stride_qt, 0, BLOCK_D0, HEAD_DIM)
-            do0 = _load_rows(do_base, rows_q, m_ok, stride_dot, 0, BLOCK_D0, HEAD_DIM)
-            # padded queries have zero Q and dO rows, so they add nothing; LSE = +inf also zeroes their P
-            lse = tl.load(LSE + head * total_tokens + rows_q, mask=m_ok, other=float("inf"))
-            delta = tl.load(DELTA + head * total_tokens + rows_q, mask=m_ok, other=0.0)
-            s_t = _mm(k0, tl.trans(q0), DOT_PRECISION)
-            dp_t = _mm(v0, tl.trans(do0), DOT_PRECISION)
+        # one program runs HEADS_PER_PROGRAM heads of its (sequence, tile), unrolled: the table lookup
+        # is shared and one head's loads can overlap another's maths (short sequences are latency-bound)
+        for head_in_program in tl.static_range(HEADS_PER_PROGRAM):
+            head = tl.program_id(1) * HEADS_PER_PROGRAM + head_in_program
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < seqlen
+            rows_k = start + offs_n
+            q_base = _head(Q, head, stride_qh)
+            k_base = _head(K, head, stride_kh)
+            v_base = _head(V, head, stride_vh)
+            do_base = _head(DO, head, stride_doh)
+            k0 = _load_rows(k_base, rows_k, n_ok, stride_kt, 0, BLOCK_D0, HEAD_DIM)
+            v0 = _load_rows(v_base, rows_k, n_ok, stride_vt, 0, BLOCK_D0, HEAD_DIM)
+            dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+            dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
             if BLOCK_D1 > 0:
-                q1 = _load_rows(q_base, rows_q, m_ok, stride_qt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-                do1 = _load_rows(do_base, rows_q, m_ok, stride_dot, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-                s_t = _mm_acc(k1, tl.trans(q1), s_t, DOT_PRECISION)
-                dp_t = _mm_acc(v1, tl.trans(do1), dp_t, DOT_PRECISION)
-            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
-            ds_t = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
-            p_t = p_t.to(do0.dtype)
-            dv0 = _mm_acc(p_t, do0, dv0, DOT_PRECISION)
-            dk0 = _mm_acc(ds_t, q0, dk0, DOT_PRECISION)
+                k1 = _load_rows(k_base, rows_k, n_ok, stride_kt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                v1 = _load_rows(v_base, rows_k, n_ok, stride_vt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+                dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+            for m0 in range(0, _loop_end(seqlen), BLOCK_M):
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < seqlen
+                rows_q = start + offs_m
+                q0 = _load_rows(q_base, rows_q, m_ok, stride_qt, 0, BLOCK_D0, HEAD_DIM)
+                do0 = _load_rows(do_base, rows_q, m_ok, stride_dot, 0, BLOCK_D0, HEAD_DIM)
+                # padded queries have zero Q and dO rows, so they add nothing; LSE = +inf also zeroes their P
+                lse = tl.load(LSE + head * total_tokens + rows_q, mask=m_ok, other=float("inf"))
+                delta = tl.load(DELTA + head * total_tokens + rows_q, mask=m_ok, other=0.0)
+                s_t = _mm(k0, tl.trans(q0), DOT_PRECISION)
+                dp_t = _mm(v0, tl.trans(do0), DOT_PRECISION)
+                if BLOCK_D1 > 0:
+                    q1 = _load_rows(q_base, rows_q, m_ok, stride_qt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                    do1 = _load_rows(do_base, rows_q, m_ok, stride_dot, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                    s_t = _mm_acc(k1, tl.trans(q1), s_t, DOT_PRECISION)
+                    dp_t = _mm_acc(v1, tl.trans(do1), dp_t, DOT_PRECISION)
+                # padded keys (zero K rows, score 0) get P = 0 like in the dQ pass: their rows are never
+                # stored, but exp2(-lse) = inf there would only make inf/NaN garbage
+                p_t = tl.math.exp2(tl.where(n_ok[:, None], s_t * qk_scale - lse[None, :], float("-inf")))
+                ds_t = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
+                p_t = p_t.to(do0.dtype)
+                dv0 = _mm_acc(p_t, do0, dv0, DOT_PRECISION)
+                dk0 = _mm_acc(ds_t, q0, dk0, DOT_PRECISION)
+                if BLOCK_D1 > 0:
+                    dv1 = _mm_acc(p_t, do1, dv1, DOT_PRECISION)
+                    dk1 = _mm_acc(ds_t, q1, dk1, DOT_PRECISION)
+            dk_base = _head(DK, head, stride_dkh)
+            dv_base = _head(DV, head, stride_dvh)
+            _store_rows(dk_base, dk0 * softmax_scale, rows_k, n_ok, stride_dkt, 0, BLOCK_D0, HEAD_DIM)
+            _store_rows(dv_base, dv0, rows_k, n_ok, stride_dvt, 0, BLOCK_D0, HEAD_DIM)
             if BLOCK_D1 > 0:
-                dv1 = _mm_acc(p_t, do1, dv1, DOT_PRECISION)
-                dk1 = _mm_acc(ds_t, q1, dk1, DOT_PRECISION)
-        dk_base = _head(DK, head, stride_dkh)
-        dv_base = _head(DV, head, stride_dvh)
-        _store_rows(dk_base, dk0 * softmax_scale, rows_k, n_ok, stride_dkt, 0, BLOCK_D0, HEAD_DIM)
-        _store_rows(dv_base, dv0, rows_k, n_ok, stride_dvt, 0, BLOCK_D0, HEAD_DIM)
-        if BLOCK_D1 > 0:
-            _store_rows(dk_base, dk1 * softmax_scale, rows_k, n_ok, stride_dkt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-            _store_rows(dv_base, dv1, rows_k, n_ok, stride_dvt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-
-    _TUNE_KEY = ["HEAD_DIM", "SEQ_BUCKET"]  # the autotuner adds every tensor argument's dtype
-    _attention_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={
-        "early_config_prune": _prune_by_dtype})(_attention_fwd_kernel)
-    _attention_bwd_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={
-        "early_config_prune": _prune_by_dtype})(_attention_bwd_dq_kernel)
-    _attention_bwd_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={
-        "early_config_prune": _prune_by_dtype})(_attention_bwd_dkdv_kernel)
+                _store_rows(dk_base, dk1 * softmax_scale, rows_k, n_ok, stride_dkt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+                _store_rows(dv_base, dv1, rows_k, n_ok, stride_dvt, BLOCK_D0, BLOCK_D1, HEAD_DIM)
 
 
 # ---------------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------------
-# Tests set this to an index into the (dtype-filtered) config lists to run one configuration explicitly.
-FORCE_CONFIG: Optional[int] = None
-
-
 def tile_bound(total: int, batch: int, max_seqlen: int) -> int:
     """Host upper bound on ``sum_i ceil(len_i / TILE)`` from what the host knows (no lengths)."""
     return min(triton.cdiv(total, TILE) + batch, batch * triton.cdiv(max(int(max_seqlen), 1), TILE)) if total else 0
@@ -470,9 +544,8 @@ _TABLE_CACHE: dict = {}
 
 def _tile_table(cu_seqlens: torch.Tensor, bound: int) -> torch.Tensor:
     """:func:`build_tile_table`, reused while the same ``cu_seqlens`` tensor (same object, unmodified)
-    comes back: every layer of an encoder pass shares one."""
-    if torch.compiler.is_compiling():  # traced into the graph (and fused) instead
-        return build_tile_table(cu_seqlens, bound)
+    comes back: every layer of an encoder pass shares one. Called inside the custom ops only (eager
+    code even under ``torch.compile``)."""
     key = (id(cu_seqlens), bound)
     hit = _TABLE_CACHE.get(key)
     if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
@@ -491,58 +564,80 @@ def _alloc(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def _meta(q: torch.Tensor, max_seqlen: int) -> dict:
+def _meta(q: torch.Tensor) -> dict:
     d0, d1 = head_dim_chunks(q.shape[-1])
     return dict(HEAD_DIM=q.shape[-1], BLOCK_D0=d0, BLOCK_D1=d1,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def _launch(tuned, kernel, configs, grid, args, meta, dtype, tile_name):
-    """Autotuned launch on CUDA; one fixed (or test-forced) configuration under the interpreter."""
-    if not _INTERPRETING and FORCE_CONFIG is None:
-        tuned[grid](*args, **meta, **{tile_name: TILE})
-        return
-    config = _configs_for(configs, dtype)[FORCE_CONFIG or 0]
-    kernel[grid](*args, **meta, **{tile_name: TILE}, **config.kwargs,
-                 num_warps=config.num_warps, num_stages=config.num_stages)
+def launch_config(q: torch.Tensor) -> AttentionConfig:
+    """The configuration the kernels run with for ``q [T, H, d]`` (its device, head dim and dtype)."""
+    arch = _arch(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else None
+    return config_for(arch, q.shape[-1], q.dtype)
 
 
-def _fwd(q, k, v, out, cu_seqlens, tiles, max_seqlen: int, softmax_scale: float):
+def _launch(kernel, tiles: int, heads: int, args, meta, tile_name: str, inner_name: str, config: KernelConfig):
+    per_program = config.heads if heads % config.heads == 0 else 1
+    kernel[(tiles, heads // per_program)](*args, **meta, **{tile_name: TILE, inner_name: config.inner},
+                                          HEADS_PER_PROGRAM=per_program, num_warps=config.num_warps,
+                                          num_stages=config.num_stages)
+
+
+def check_packing(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """Raise ValueError unless ``cu_seqlens`` starts at 0, never decreases, ends at ``total`` and no
+    length exceeds ``max_seqlen`` (otherwise some output rows would never be written). Host syncs."""
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    if int(cu[0]) != 0 or int(cu[-1]) != total:
+        raise ValueError(f"cu_seqlens must run from 0 to the {total} tokens, got {int(cu[0])} .. {int(cu[-1])}")
+    if (lengths < 0).any():
+        raise ValueError(f"cu_seqlens decreases at sequence {int((lengths < 0).nonzero()[0])}")
+    if lengths.numel() and int(lengths.max()) > max_seqlen:
+        raise ValueError(f"a sequence has {int(lengths.max())} tokens, more than max_seqlen={max_seqlen}")
+
+
+def _tiles(q: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    if DEBUG:
+        check_packing(cu_seqlens, q.shape[0], max_seqlen)
+    return _tile_table(cu_seqlens, tile_bound(q.shape[0], cu_seqlens.shape[0] - 1, max_seqlen))
+
+
+def _fwd(q, k, v, out, cu_seqlens, max_seqlen: int, softmax_scale: float):
     """Launch the forward into ``out`` (any ``[T, H, d]`` view, unit column stride). Returns ``lse``."""
     total, heads, _ = q.shape
     lse = _alloc((heads, total), q, torch.float32)
+    tiles = _tiles(q, cu_seqlens, max_seqlen)
     if tiles.shape[0] == 0:
         return lse
     args = (q, k, v, out, lse, cu_seqlens, tiles, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            v.stride(0), v.stride(1), out.stride(0), out.stride(1), total, softmax_scale * math.log2(math.e),
-            seqlen_bucket(max_seqlen))
+            v.stride(0), v.stride(1), out.stride(0), out.stride(1), total, softmax_scale * math.log2(math.e))
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
-        _launch(_attention_fwd_tuned, _attention_fwd_kernel, _FWD_CONFIGS, (tiles.shape[0], heads), args,
-                _meta(q, max_seqlen), q.dtype, "BLOCK_M")
+        _launch(_attention_fwd_kernel, tiles.shape[0], heads, args, _meta(q), "BLOCK_M", "BLOCK_N",
+                launch_config(q).fwd)
     return lse
 
 
-def _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, tiles, max_seqlen: int, softmax_scale: float):
+def _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, max_seqlen: int, softmax_scale: float):
     """Launch the dQ pass (which also writes ``delta``) then the dK/dV pass into ``dq, dk, dv``."""
     total, heads, _ = q.shape
+    tiles = _tiles(q, cu_seqlens, max_seqlen)
     if tiles.shape[0] == 0:
         return
     delta = _alloc((heads, total), q, torch.float32)
     qk_scale = softmax_scale * math.log2(math.e)
-    meta = _meta(q, max_seqlen)
-    bucket = seqlen_bucket(max_seqlen)
-    grid = (tiles.shape[0], heads)
+    meta = _meta(q)
+    config = launch_config(q)
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
-        _launch(_attention_bwd_dq_tuned, _attention_bwd_dq_kernel, _DQ_CONFIGS, grid,
+        _launch(_attention_bwd_dq_kernel, tiles.shape[0], heads,
                 (q, k, v, out, dout, dq, lse, delta, cu_seqlens, tiles, q.stride(0), q.stride(1), k.stride(0),
                  k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-                 dq.stride(0), dq.stride(1), total, qk_scale, softmax_scale, bucket),
-                meta, q.dtype, "BLOCK_M")
-        _launch(_attention_bwd_dkdv_tuned, _attention_bwd_dkdv_kernel, _DKDV_CONFIGS, grid,
+                 dq.stride(0), dq.stride(1), total, qk_scale, softmax_scale),
+                meta, "BLOCK_M", "BLOCK_N", config.dq)
+        _launch(_attention_bwd_dkdv_kernel, tiles.shape[0], heads,
                 (q, k, v, dout, dk, dv, lse, delta, cu_seqlens, tiles, q.stride(0), q.stride(1), k.stride(0),
                  k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1),
-                 dv.stride(0), dv.stride(1), total, qk_scale, softmax_scale, bucket),
-                meta, q.dtype, "BLOCK_N")
+                 dv.stride(0), dv.stride(1), total, qk_scale, softmax_scale),
+                meta, "BLOCK_N", "BLOCK_M", config.dkdv)
 
 
 class _nullcontext:
@@ -566,97 +661,95 @@ def _unit_col(t: torch.Tensor) -> torch.Tensor:
 # custom ops and autograd
 # ---------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastjepa_kernels::varlen_attention_fwd", mutates_args=())
-def _varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, tiles: torch.Tensor,
-                   max_seqlen: int, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: ``(out [T, H, d] in q's dtype, lse [H, T] fp32 base 2)``; ``tiles`` from
-    :func:`build_tile_table`."""
+def _varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                   softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: ``(out [T, H, d] in q's dtype, lse [H, T] fp32 base 2)``."""
     q, k, v = _unit_col(q), _unit_col(k), _unit_col(v)
     out = _alloc(q.shape, q)
-    lse = _fwd(q, k, v, out, cu_seqlens, tiles, max_seqlen, softmax_scale)
+    lse = _fwd(q, k, v, out, cu_seqlens, max_seqlen, softmax_scale)
     return out, lse
 
 
 @_varlen_fwd_op.register_fake
-def _(q, k, v, cu_seqlens, tiles, max_seqlen, softmax_scale):
+def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastjepa_kernels::varlen_attention_bwd", mutates_args=())
 def _varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, cu_seqlens: torch.Tensor, tiles: torch.Tensor, max_seqlen: int,
+                   lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                    softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: ``(dq, dk, dv)``, each ``[T, H, d]`` in q's dtype."""
     dout, q, k, v, out = (_unit_col(t) for t in (dout, q, k, v, out))
     dq, dk, dv = (_alloc(q.shape, q) for _ in range(3))
-    _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, tiles, max_seqlen, softmax_scale)
+    _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, max_seqlen, softmax_scale)
     return dq, dk, dv
 
 
 @_varlen_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, tiles, max_seqlen, softmax_scale):
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
 def _varlen_setup(ctx, inputs, output):
-    q, k, v, cu_seqlens, tiles, max_seqlen, softmax_scale = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, tiles)
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
     ctx.max_seqlen, ctx.softmax_scale = max_seqlen, softmax_scale
 
 
 def _varlen_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens, tiles = ctx.saved_tensors
-    dq, dk, dv = _varlen_bwd_op(dout, q, k, v, out, lse, cu_seqlens, tiles, ctx.max_seqlen, ctx.softmax_scale)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _varlen_bwd_op(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale)
+    return dq, dk, dv, None, None, None
 
 
 _varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup)
 
 
 @torch.library.custom_op("fastjepa_kernels::varlen_attention_qkvpacked_fwd", mutates_args=())
-def _qkvpacked_fwd_op(qkv: torch.Tensor, cu_seqlens: torch.Tensor, tiles: torch.Tensor, max_seqlen: int,
+def _qkvpacked_fwd_op(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                       softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward on ``qkv [T, 3, H, d]`` read in place: ``(out [T, H, d], lse [H, T] fp32)``."""
     qkv = _unit_col(qkv)
     q, k, v = qkv.unbind(1)
     out = _alloc(q.shape, q)
-    lse = _fwd(q, k, v, out, cu_seqlens, tiles, max_seqlen, softmax_scale)
+    lse = _fwd(q, k, v, out, cu_seqlens, max_seqlen, softmax_scale)
     return out, lse
 
 
 @_qkvpacked_fwd_op.register_fake
-def _(qkv, cu_seqlens, tiles, max_seqlen, softmax_scale):
+def _(qkv, cu_seqlens, max_seqlen, softmax_scale):
     total, _, heads, dim = qkv.shape
     return qkv.new_empty((total, heads, dim)), qkv.new_empty((heads, total), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastjepa_kernels::varlen_attention_qkvpacked_bwd", mutates_args=())
 def _qkvpacked_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                      cu_seqlens: torch.Tensor, tiles: torch.Tensor, max_seqlen: int, softmax_scale: float
-                      ) -> torch.Tensor:
+                      cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float) -> torch.Tensor:
     """Triton backward: ``dqkv [T, 3, H, d]``, the kernels writing dq/dk/dv straight into its slices."""
     dout, qkv, out = _unit_col(dout), _unit_col(qkv), _unit_col(out)
     q, k, v = qkv.unbind(1)
     dqkv = _alloc(qkv.shape, qkv)
     dq, dk, dv = dqkv.unbind(1)
-    _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, tiles, max_seqlen, softmax_scale)
+    _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, max_seqlen, softmax_scale)
     return dqkv
 
 
 @_qkvpacked_bwd_op.register_fake
-def _(dout, qkv, out, lse, cu_seqlens, tiles, max_seqlen, softmax_scale):
+def _(dout, qkv, out, lse, cu_seqlens, max_seqlen, softmax_scale):
     return qkv.new_empty(qkv.shape)
 
 
 def _qkvpacked_setup(ctx, inputs, output):
-    qkv, cu_seqlens, tiles, max_seqlen, softmax_scale = inputs
-    ctx.save_for_backward(qkv, output[0], output[1], cu_seqlens, tiles)
+    qkv, cu_seqlens, max_seqlen, softmax_scale = inputs
+    ctx.save_for_backward(qkv, output[0], output[1], cu_seqlens)
     ctx.max_seqlen, ctx.softmax_scale = max_seqlen, softmax_scale
 
 
 def _qkvpacked_backward(ctx, dout, _dlse):
-    qkv, out, lse, cu_seqlens, tiles = ctx.saved_tensors
-    dqkv = _qkvpacked_bwd_op(dout, qkv, out, lse, cu_seqlens, tiles, ctx.max_seqlen, ctx.softmax_scale)
-    return dqkv, None, None, None, None
+    qkv, out, lse, cu_seqlens = ctx.saved_tensors
+    dqkv = _qkvpacked_bwd_op(dout, qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale)
+    return dqkv, None, None, None
 
 
 _qkvpacked_fwd_op.register_autograd(_qkvpacked_backward, setup_context=_qkvpacked_setup)
@@ -681,9 +774,15 @@ def _use_triton(backend: str, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seq
     dim_ok = _supported_head_dim(x.shape[-1])
     if backend == "triton" and not dim_ok:
         raise ValueError(f"attention backend 'triton' supports head dims 8..128 in multiples of 8, got {x.shape[-1]}")
-    dense = x.shape[0] == (cu_seqlens.shape[0] - 1) * max_seqlen
-    return use_triton("attention", backend, (x,), TRITON_DTYPES, reference="sdpa",
-                      supported=dim_ok and not (backend == "auto" and dense))
+    # (only under auto: under torch.compile this comparison of symbolic sizes is a guard)
+    dense = backend == "auto" and x.shape[0] == (cu_seqlens.shape[0] - 1) * max_seqlen
+    return use_triton("attention", backend, (x,), TRITON_DTYPES, reference="sdpa", supported=dim_ok and not dense)
+
+
+def _host_int(n):
+    """``max_seqlen`` as an int, leaving a symbolic int (torch.compile) symbolic: ``int()`` would
+    specialise the graph on its value and recompile for every new one."""
+    return n if isinstance(n, torch.SymInt) else int(n)
 
 
 def _scale(softmax_scale, dim: int) -> float:
@@ -712,8 +811,7 @@ def varlen_attention(
     if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
         raise ValueError("q, k, v must share one dtype and device")
     _check_cu_seqlens(cu_seqlens, q.device)
-    tiles = _tile_table(cu_seqlens, tile_bound(q.shape[0], cu_seqlens.shape[0] - 1, max_seqlen))
-    out, _ = _varlen_fwd_op(q, k, v, cu_seqlens, tiles, int(max_seqlen), _scale(softmax_scale, q.shape[-1]))
+    out, _ = _varlen_fwd_op(q, k, v, cu_seqlens, _host_int(max_seqlen), _scale(softmax_scale, q.shape[-1]))
     return out
 
 
@@ -735,8 +833,7 @@ def varlen_attention_qkvpacked(
         q, k, v = qkv.unbind(1)
         return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
     _check_cu_seqlens(cu_seqlens, qkv.device)
-    tiles = _tile_table(cu_seqlens, tile_bound(qkv.shape[0], cu_seqlens.shape[0] - 1, max_seqlen))
-    out, _ = _qkvpacked_fwd_op(qkv, cu_seqlens, tiles, int(max_seqlen), _scale(softmax_scale, qkv.shape[-1]))
+    out, _ = _qkvpacked_fwd_op(qkv, cu_seqlens, _host_int(max_seqlen), _scale(softmax_scale, qkv.shape[-1]))
     return out
 
 
@@ -744,9 +841,11 @@ def varlen_attention_qkvpacked(
 # ahead-of-time variants
 # ---------------------------------------------------------------------------------------------------
 def aot_specs():
-    """Every variant the autotuners can pick: per (dtype, head dim in :data:`AOT_HEAD_DIMS`), the
-    forward, dQ and dK/dV kernels in each configuration for that dtype. Names start with ``attention``.
-    The bf16/fp16 ones are tensor-core kernels with 64-row tiles and 4 warps: they must use wgmma on sm_90."""
+    """Every variant a launch can use: per (dtype, head dim in :data:`AOT_HEAD_DIMS`), the forward, dQ
+    and dK/dV kernels in each configuration of :data:`CANDIDATES` (bf16/fp16; the table's entries are
+    among them; several heads per program only up to :data:`MULTI_HEAD_MAX_DIM`) or :data:`FP32_CONFIG`
+    (fp32). Names start with ``attention``. The bf16/fp16 ones are
+    tensor-core kernels with 64-row tiles and 4 warps: they must use wgmma on sm_90."""
     if triton is None:
         return []
     from .aot import AotSpec
@@ -758,16 +857,16 @@ def aot_specs():
             meta = dict(HEAD_DIM=dim, BLOCK_D0=d0, BLOCK_D1=d1, DOT_PRECISION="ieee" if ty == "fp32" else "tf32")
             common = {"total_tokens": "i32", "qk_scale": "fp32"}
             kernels = (
-                ("fwd", _attention_fwd_kernel, _FWD_CONFIGS, "BLOCK_M",
+                ("fwd", _attention_fwd_kernel, "BLOCK_M", "BLOCK_N",
                  ["Q", "K", "V", "O"], ["LSE"], ["qt", "qh", "kt", "kh", "vt", "vh", "ot", "oh"], False),
-                ("bwd_dq", _attention_bwd_dq_kernel, _DQ_CONFIGS, "BLOCK_M",
+                ("dq", _attention_bwd_dq_kernel, "BLOCK_M", "BLOCK_N",
                  ["Q", "K", "V", "O", "DO", "DQ"], ["LSE", "DELTA"],
                  ["qt", "qh", "kt", "kh", "vt", "vh", "ot", "oh", "dot", "doh", "dqt", "dqh"], True),
-                ("bwd_dkdv", _attention_bwd_dkdv_kernel, _DKDV_CONFIGS, "BLOCK_N",
+                ("dkdv", _attention_bwd_dkdv_kernel, "BLOCK_N", "BLOCK_M",
                  ["Q", "K", "V", "DO", "DK", "DV"], ["LSE", "DELTA"],
                  ["qt", "qh", "kt", "kh", "vt", "vh", "dot", "doh", "dkt", "dkh", "dvt", "dvh"], True),
             )
-            for name, fn, configs, tile_name, tensors, fp32s, strides, backward in kernels:
+            for name, fn, tile_name, inner_name, tensors, fp32s, strides, backward in kernels:
                 sig = {t: f"*{ty}" for t in tensors}
                 sig.update({t: "*fp32" for t in fp32s})
                 sig.update({"CU_SEQLENS": "*i32", "TILES": "*i32"})
@@ -775,15 +874,15 @@ def aot_specs():
                 sig.update(common)
                 if backward:
                     sig["softmax_scale"] = "fp32"
-                sig["SEQ_BUCKET"] = "i32"
                 sig.update({c: "constexpr" for c in ("HEAD_DIM", "BLOCK_D0", "BLOCK_D1", "BLOCK_M", "BLOCK_N",
-                                                     "DOT_PRECISION")})
-                for config in _configs_for(configs, dtype):
-                    (inner_name, inner), = config.kwargs.items()
-                    constexprs = {**meta, tile_name: TILE, inner_name: inner}
+                                                     "DOT_PRECISION", "HEADS_PER_PROGRAM")})
+                configs = (getattr(FP32_CONFIG, name),) if dtype == torch.float32 else CANDIDATES[name]
+                # several heads per program only where they are meant to run: the short d <= 32 heads
+                for config in (c for c in configs if c.heads == 1 or dim <= MULTI_HEAD_MAX_DIM):
+                    constexprs = {**meta, tile_name: TILE, inner_name: config.inner, "HEADS_PER_PROGRAM": config.heads}
                     specs.append(AotSpec(
                         f"attention_{name}[d{dim},{ty},BM{constexprs['BLOCK_M']},BN{constexprs['BLOCK_N']},"
-                        f"w{config.num_warps},s{config.num_stages}]",
+                        f"w{config.num_warps},s{config.num_stages}{f',h{config.heads}' if config.heads > 1 else ''}]",
                         fn, sig, constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
                         wants_wgmma=ty != "fp32"))
     return specs

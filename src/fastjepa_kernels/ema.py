@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ._backend import TRITON_DTYPES, interpreting
+from ._backend import TRITON_DTYPES, use_triton
 
 try:
     import triton
@@ -34,7 +34,7 @@ except ImportError:  # the reference path works without triton
     tl = None
 
 BACKENDS = ("reference", "triton", "auto")
-SOURCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SOURCE_DTYPES = tuple(TRITON_DTYPES)  # fp32, bf16, fp16: every dtype the kernels take
 COPY_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -303,10 +303,6 @@ def _as_list(x, name: str) -> list:
     raise TypeError(f"ema_: {name} must be a tensor or a list of tensors, got {type(x).__name__}")
 
 
-def _triton_usable(device: torch.device) -> bool:
-    return triton is not None and (device.type == "cuda" or interpreting())
-
-
 def ema_(target, source, momentum, backend: str = "auto", copy_out=None) -> None:
     """Update ``target`` in place towards ``source``: ``target = m * target + (1 - m) * source``.
 
@@ -349,10 +345,8 @@ def ema_(target, source, momentum, backend: str = "auto", copy_out=None) -> None
                 or set(map(_get_device, copies)) != {index}):
             raise ValueError("ema_: copy_out must be contiguous, on the target's device, of the target's shape")
 
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" and triton is not None else "reference"
-    if backend == "triton" and not _triton_usable(device):
-        raise RuntimeError("ema_ backend 'triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    # the one backend rule of every op (dtypes and devices were checked above for every tensor)
+    backend = "triton" if use_triton("ema_", backend, (targets[0], sources[0]), TRITON_DTYPES) else "reference"
 
     if isinstance(momentum, torch.Tensor):
         if momentum.dim() != 0:

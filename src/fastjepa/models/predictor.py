@@ -31,9 +31,16 @@ class Predictor(nn.Module):
 
     def forward(self, context: torch.Tensor, masks: PackedMasks) -> torch.Tensor:
         x = self.predictor_embed(context)
-        # source table: every context row, then the shared mask token as row T_ctx
-        table = torch.cat([x, self.mask_token.to(x.dtype)], dim=0)
-        x = gather_tokens(table, masks.pred_src, backend=self.ops_backend)
+        t_ctx = x.shape[0]
+        # pred_src indexes cat(context rows, mask token): row T_ctx is the mask token. Gather the context
+        # rows only and put the token in with a broadcast: as a gathered table row, every target row would
+        # add its gradient into that one row (tens of thousands of same-address atomics, in any order).
+        is_mask = (masks.pred_src == t_ctx)[:, None]
+        # mask rows read some context row instead, spread over all of them (no hot row in the gather's
+        # backward); the where discards it, and its gradient there is 0
+        spread = torch.arange(masks.pred_src.shape[0], device=x.device, dtype=masks.pred_src.dtype) % max(t_ctx, 1)
+        src = torch.where(is_mask[:, 0], spread, masks.pred_src)
+        x = torch.where(is_mask, self.mask_token.to(x.dtype), gather_tokens(x, src, backend=self.ops_backend))
         x = x + self.pos_embed.to(x.dtype).index_select(0, masks.pred_pos)
         x = run_blocks(self.blocks, x, masks.pred_cu_seqlens, masks.pred_max_seqlen, self.checkpointing)
         x = x.index_select(0, masks.pred_out)  # only the target rows need the head

@@ -125,8 +125,13 @@ class VisionTransformer(nn.Module):
         init_weights(self, self.blocks)
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W]`` -> patch features ``[B, N, D]`` (before position embeddings)."""
-        return self.patch_embed(images).flatten(2).transpose(1, 2)
+        """``[B, C, H, W]`` -> patch features ``[B, N, D]``, contiguous (before position embeddings).
+
+        A channels-last input makes the conv write ``[B, h, w, D]`` memory, so ``[B, N, D]`` is contiguous
+        with no copy and the token gather's row loads are unit-stride (vectorised); ``contiguous()``
+        copies only where the conv does not keep the layout (e.g. one input channel)."""
+        x = self.patch_embed(images.contiguous(memory_format=torch.channels_last))
+        return x.flatten(2).transpose(1, 2).contiguous()
 
     def forward(self, images, index=None, cu_seqlens=None, max_seqlen=None):
         x = self.patchify(images)
@@ -135,7 +140,8 @@ class VisionTransformer(nn.Module):
             tokens = (x + self.pos_embed.to(x.dtype)).reshape(batch * n, dim)
             cu_seqlens, max_seqlen = uniform_cu_seqlens(batch, n, x.device), n
         else:
-            tokens = gather_tokens(x, index, self.pos_embed.to(x.dtype), backend=self.ops_backend)
+            # a mask picks each patch at most once: the kernel's backward needs no atomics
+            tokens = gather_tokens(x, index, self.pos_embed.to(x.dtype), backend=self.ops_backend, unique=True)
         tokens = self.norm(run_blocks(self.blocks, tokens, cu_seqlens, max_seqlen, self.checkpointing))
         return tokens.view(batch, n, dim) if index is None else tokens
 
