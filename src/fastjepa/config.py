@@ -121,6 +121,9 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16"] = "bf16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     loss: Literal["smooth_l1", "l2"] = "smooth_l1"
+    # eps of the loss's target LayerNorm (no affine). The official src/train.py normalises the targets
+    # with F.layer_norm(h, (h.size(-1),)), torch's default eps 1e-5; the encoders' own LayerNorms use 1e-6
+    target_norm_eps: float = 1e-5
     max_nonfinite_steps: int = 10  # this many skipped steps in a row stop the run (with a checkpoint)
     tensorboard: bool = True
     progress: Literal["auto", "on", "off"] = "auto"
@@ -133,6 +136,8 @@ class TrainConfig(_Section):
         for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1")
+        if not self.target_norm_eps > 0:  # `not >` also catches NaN
+            raise ValueError(f"train.target_norm_eps must be > 0, got {self.target_norm_eps}")
         if self.schedule_steps is not None and self.schedule_steps < 1:
             raise ValueError("train.schedule_steps must be >= 1 (or null for train.max_steps)")
         return self

@@ -205,7 +205,8 @@ class Trainer:
                 h = (self.target_engine or self.target)(images)  # [B, N, D]
             with self.autocast:
                 pred = self.model(images, masks) if self.engine is None else self.engine(images, masks)
-            loss = jepa_target_loss(pred, h, masks.tgt_index, self.cfg.train.loss, backend=self.ops_backend)
+            loss = jepa_target_loss(pred, h, masks.tgt_index, self.cfg.train.loss, backend=self.ops_backend,
+                                    eps=self.cfg.train.target_norm_eps)
             loss_sum += loss.detach()
             if self.engine is None:
                 (loss / accum).backward()

@@ -1,7 +1,8 @@
 """I-JEPA regression loss between predictions and layer-normed target features.
 
 ``pred [T, D]``; ``target [B, N, D]`` (target-encoder output, no grad); ``index`` int ``[T]`` of flat
-rows ``b * N + n`` in ``target``. The target rows are layer-normed without affine (eps 1e-6) and the
+rows ``b * N + n`` in ``target``. The target rows are layer-normed without affine (``eps``, default
+1e-6; the official I-JEPA code uses torch's default 1e-5) and the
 loss is averaged over all ``T * D`` elements. smooth-L1 uses beta 1 (the official default).
 
 Backends: ``reference`` (gather -> layer_norm -> loss in PyTorch), ``triton`` (one fused kernel, custom
@@ -31,16 +32,16 @@ except ImportError:  # the package works without Triton (reference backend only)
 
 KINDS = ("smooth_l1", "l2")
 BACKENDS = ("reference", "triton", "auto")
-LN_EPS = 1e-6  # the project's LayerNorm eps (module docstring); the same in both backends
+LN_EPS = 1e-6  # the default eps (the encoders' LayerNorm eps); the same in both backends
 
 
 # ---------------------------------------------------------------------------------------------------
 # reference
 # ---------------------------------------------------------------------------------------------------
-def jepa_target_loss_reference(pred, target, index, kind="smooth_l1"):
+def jepa_target_loss_reference(pred, target, index, kind="smooth_l1", eps: float = LN_EPS):
     """Plain-PyTorch chain: gather -> layer_norm -> loss (fp32 maths)."""
     rows = target.reshape(-1, target.shape[-1]).index_select(0, index)
-    rows = F.layer_norm(rows.float(), (rows.shape[-1],), eps=LN_EPS)
+    rows = F.layer_norm(rows.float(), (rows.shape[-1],), eps=eps)
     if kind == "smooth_l1":
         return F.smooth_l1_loss(pred.float(), rows, beta=1.0)
     if kind == "l2":
@@ -125,7 +126,7 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------------
 # launcher
 # ---------------------------------------------------------------------------------------------------
-def _target_loss_fwd(pred, target, index, is_l2: bool):
+def _target_loss_fwd(pred, target, index, is_l2: bool, eps: float):
     """Returns ``(loss fp32 0-d, grad_pred [T, D] in pred's dtype = d loss / d pred)``."""
     t, dim = pred.shape
     pred = pred if pred.stride(-1) == 1 else pred.contiguous()
@@ -138,7 +139,7 @@ def _target_loss_fwd(pred, target, index, is_l2: bool):
         return torch.full((), float("nan"), device=pred.device), grad  # mean of nothing, as torch
     _target_loss_fwd_kernel[(programs,)](
         pred, target, index, grad, partial, t, dim, target.shape[1], pred.stride(0), target.stride(0),
-        target.stride(1), grad.stride(0), 1.0 / (t * dim), LN_EPS, int(is_l2),
+        target.stride(1), grad.stride(0), 1.0 / (t * dim), eps, int(is_l2),
         BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
     return partial.sum() / (t * dim), grad
 
@@ -147,14 +148,14 @@ def _target_loss_fwd(pred, target, index, is_l2: bool):
 # custom op and autograd
 # ---------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastjepa_kernels::jepa_target_loss", mutates_args=())
-def _target_loss_op(pred: torch.Tensor, target: torch.Tensor, index: torch.Tensor, is_l2: bool
+def _target_loss_op(pred: torch.Tensor, target: torch.Tensor, index: torch.Tensor, is_l2: bool, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton fused loss; index int32 ``[T]``. Returns ``(loss, grad_pred)``; only ``loss`` is for users."""
-    return _target_loss_fwd(pred, target, index, is_l2)
+    return _target_loss_fwd(pred, target, index, is_l2, eps)
 
 
 @_target_loss_op.register_fake
-def _(pred, target, index, is_l2):
+def _(pred, target, index, is_l2, eps):
     return pred.new_empty((), dtype=torch.float32), torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
@@ -165,7 +166,7 @@ def _target_loss_setup(ctx, inputs, output):
 def _target_loss_backward(ctx, grad_loss, _grad_of_grad):
     (grad_pred,) = ctx.saved_tensors
     # a 0-d fp32 tensor times a bf16 tensor stays bf16 (computed in fp32): one pass, no host sync
-    return grad_pred * grad_loss, None, None, None
+    return grad_pred * grad_loss, None, None, None, None
 
 
 _target_loss_op.register_autograd(_target_loss_backward, setup_context=_target_loss_setup)
@@ -178,24 +179,25 @@ def _use_triton(backend: str, *tensors) -> bool:
     return use_triton("target-loss", backend, tensors, TRITON_DTYPES)
 
 
-def jepa_target_loss(pred, target, index, kind: str = "smooth_l1", backend: str = "auto"):
+def jepa_target_loss(pred, target, index, kind: str = "smooth_l1", backend: str = "auto", eps: float = LN_EPS):
     """Scalar fp32 loss; gradient flows to ``pred`` only.
 
     pred: ``[T, D]`` fp32/bf16/fp16. target: ``[B, N, D]`` (or ``[R, D]``), detached. index: int32/int64
     ``[T]`` flat rows of ``target``. kind: ``smooth_l1`` (beta 1) or ``l2``; mean over ``T * D``.
+    eps: the target LayerNorm's eps (the official I-JEPA code: torch's default 1e-5).
     """
     if pred.dim() != 2 or pred.shape[0] != index.shape[0] or pred.shape[-1] != target.shape[-1]:
         raise ValueError(f"pred {tuple(pred.shape)} does not match index {tuple(index.shape)} / target {tuple(target.shape)}")
     if kind not in KINDS:
         raise ValueError(f"unknown loss kind {kind!r}; choose one of {KINDS}")
     if not _use_triton(backend, pred, target):
-        return jepa_target_loss_reference(pred, target.detach(), index, kind)
+        return jepa_target_loss_reference(pred, target.detach(), index, kind, eps)
     if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"index must be a 1-D int32/int64 tensor, got {index.dtype}")
     if target.numel() // max(target.shape[-1], 1) >= 2**31:
         raise ValueError("target has too many rows for int32 indices")
     index = index.to(torch.int32).contiguous()
-    loss, _ = _target_loss_op(pred, target.detach(), index, kind == "l2")
+    loss, _ = _target_loss_op(pred, target.detach(), index, kind == "l2", float(eps))
     return loss
 
 
