@@ -1,6 +1,7 @@
 """The official I-JEPA training step and fastjepa's, side by side: same device, batch, precision and model.
 
-- ``test_peer_step[demo-cpu]``: the demo config on CPU (fp32, batch 64), fastjepa keeping every context
+- ``test_peer_step[demo-cpu]``: the demo config on CPU (fp32, batch ``FASTJEPA_BENCH_PEER_CPU_BATCH``,
+  default 64 as in the demo), fastjepa keeping every context
   token (its default masks) against the official step on its own collator's masks;
 - ``test_peer_step[demo-cpu-truncate]``: the same with ``mask.truncate=true`` (fastjepa cuts every mask to
   the batch minimum, as the official collator does);
@@ -39,9 +40,10 @@ pytest.importorskip("pydantic", reason="the trainer's config needs pydantic (scr
 from fastjepa.flops import step_flops  # noqa: E402
 
 _VITH_BATCH = int(os.environ.get("FASTJEPA_BENCH_PEER_BATCH", 128))
+_DEMO_BATCH = int(os.environ.get("FASTJEPA_BENCH_PEER_CPU_BATCH", 64))  # the demo's batch; smaller in dry runs
 CASES = {  # config, device, batch, extra overrides
-    "demo-cpu": ("demo.json", "cpu", 64, []),
-    "demo-cpu-truncate": ("demo.json", "cpu", 64, ["mask.truncate=true"]),
+    "demo-cpu": ("demo.json", "cpu", _DEMO_BATCH, []),
+    "demo-cpu-truncate": ("demo.json", "cpu", _DEMO_BATCH, ["mask.truncate=true"]),
     "vith14-cuda": ("vith14.json", "cuda", _VITH_BATCH, []),
 }
 WARMUP = 2
