@@ -58,6 +58,7 @@ import re
 import sys
 import tempfile
 import time
+import types
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -175,9 +176,11 @@ def classify(events, device_type: str):
     from torch.autograd import DeviceType
 
     per, names = dict.fromkeys(CATEGORIES, 0.0), {c: {} for c in CATEGORIES}
-    if device_type == "cuda":
-        by_id = {e.id: e for e in events if e.device_type == DeviceType.CPU}
-        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA] if device_type == "cuda" else []
+    if kernels:
+        # ops (not CUDA runtime calls, whose ids are another counter) by id: a kernel's linked id names
+        # the op that launched it, as torch's own post-processing pairs them
+        by_id = {e.id: e for e in events if e.device_type == DeviceType.CPU and e.linked_correlation_id == 0}
         intervals = []
         for k in kernels:
             start, end = k.time_range.start, k.time_range.end
@@ -187,6 +190,14 @@ def classify(events, device_type: str):
             names[category][k.name] = names[category].get(k.name, 0.0) + end - start
             intervals.append((start, end))
         busy = union_length(intervals)
+    elif device_type == "cuda":  # no device events in this torch's list: the kernels its ops carry
+        busy = 0.0
+        for e in events:
+            for k in getattr(e, "kernels", ()):
+                category = category_of(types.SimpleNamespace(name=k.name, cpu_parent=None), e)
+                per[category] += k.duration
+                names[category][k.name] = names[category].get(k.name, 0.0) + k.duration
+                busy += k.duration
     else:
         busy = 0.0
         for e in events:

@@ -124,6 +124,9 @@ def test_union_length_matches_brute_force(profile_step):
     ("aten::index_select", ["aten::native_layer_norm", "fastjepa::target_loss"], "target loss"),
     ("aten::smooth_l1_loss_backward", ["SmoothL1LossBackward0",
                                        "autograd::engine::evaluate_function: SmoothL1LossBackward0"], "target loss"),
+    ("aten::mul", ["GeneratedBackwardFor_fastjepa_kernels_jepa_target_loss_defaultBackward",
+                   "autograd::engine::evaluate_function: GeneratedBackwardFor_fastjepa_kernels_jepa_target_loss_"
+                   "defaultBackward"], "target loss"),  # the Triton loss's backward
     ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", ["aten::_fused_adamw_",
                                                                           "Optimizer.step#AdamW.step"], "optimizer"),
     ("_ema_fwd_kernel", ["fastjepa::ema"], "EMA"),
@@ -136,3 +139,28 @@ def test_categories_of_typical_names(profile_step, name, parents, expected):
     for parent_name in reversed(parents):  # outermost last in the list
         parent = types.SimpleNamespace(name=parent_name, cpu_parent=parent)
     assert profile_step.category_of(types.SimpleNamespace(name=name, cpu_parent=None), parent) == expected
+
+
+def test_device_kernels_are_paired_with_the_ops_that_launched_them(profile_step):
+    """The CUDA path of ``classify`` on hand-made events: a kernel's linked id names its op (not the
+    runtime call that shares the number), busy time is the union of the kernels' intervals."""
+    from torch.autograd import DeviceType
+
+    def event(name, device, id_, linked=0, start=0.0, end=0.0, parent=None):
+        return types.SimpleNamespace(name=name, device_type=device, id=id_, linked_correlation_id=linked,
+                                     time_range=types.SimpleNamespace(start=start, end=end), cpu_parent=parent,
+                                     is_async=False, self_cpu_time_total=end - start)
+
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    ema_scope = event("fastjepa::ema", cpu, 1)
+    ema_op = event("fastjepa_kernels::ema_", cpu, 7, parent=ema_scope)
+    mm_op = event("aten::mm", cpu, 5)
+    events = [ema_scope, ema_op, mm_op,
+              event("cudaLaunchKernel", cpu, 7, linked=5),  # a runtime call numbered like the EMA op
+              event("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_NNT", gpu, 900, linked=5, start=10, end=30),
+              event("_ema_fwd_kernel", gpu, 901, linked=7, start=25, end=40),  # overlaps the GEMM by 5
+              event("Memcpy HtoD (Pageable -> Device)", gpu, 902, linked=0, start=50, end=55)]
+    per, busy, names = profile_step.classify(events, "cuda")
+    assert per["GEMM"] == 20 and per["EMA"] == 15 and per["copies"] == 5
+    assert sum(per.values()) == 40 and busy == 35
+    assert names["EMA"] == {"_ema_fwd_kernel": 15}
