@@ -1,4 +1,6 @@
-"""Shared set-up for the benchmarks: device description, a trainer from a config file, a GEMM peak probe.
+"""Shared set-up for the benchmarks: the ``bench_tools`` fixture over ``harness.py`` (device description,
+a trainer from a config file, the practical peaks of a device) and the ``official`` fixture (the official
+I-JEPA code, ``official.py``).
 
 CPU runs use ``FASTJEPA_BENCH_THREADS`` torch threads (default 1: the development machines have 2 cores
 that are usually shared, and two threads fighting for one core make small ops ~100x slower).
@@ -6,115 +8,15 @@ that are usually shared, and two threads fighting for one core make small ops ~1
 from __future__ import annotations
 
 import os
-import platform
-import time
-from pathlib import Path
+import types
 
 import pytest
 import torch
 
-# Triton kernels run compiled on a GPU and in Triton's interpreter on CPU tensors elsewhere. The
-# interpreter is chosen when a kernel is decorated, so this must precede every fastjepa_kernels import.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import harness  # noqa: I001  (first: it sets TRITON_INTERPRET before any fastjepa_kernels import)
+import official as official_code
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "src" / "fastjepa" / "configs"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def describe(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "device_type": device.type}
-    if device.type == "cuda":
-        info["device"] = torch.cuda.get_device_name(device)
-    else:
-        info["device"] = cpu_name()
-        info["threads"] = torch.get_num_threads()
-    return info
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measured_gemm_tflops(device: torch.device, dtype=torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
-    """Achieved TFLOP/s of a square matmul: the practical peak of a device without a datasheet entry."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    synchronize(device)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    synchronize(device)
-    return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
-
-
-def time_call(fn, device: torch.device, seconds: float = 0.3) -> float:
-    """Mean seconds per call over about ``seconds`` (side measurements, not the benchmark itself)."""
-    fn()
-    synchronize(device)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        fn()
-        count += 1
-    synchronize(device)
-    return (time.perf_counter() - start) / count
-
-
-_COPY_GBPS: dict = {}
-
-
-def copy_gbps(device: torch.device, nbytes: int | None = None) -> float:
-    """Achieved bandwidth of ``dst.copy_(src)`` in GB/s (bytes read + written): the practical peak of a
-    memory-bound kernel. 512 MB on CUDA (far beyond L2), 16 MB on CPU; measured once per device."""
-    nbytes = nbytes or (512 << 20 if device.type == "cuda" else 16 << 20)
-    key = (str(device), nbytes)
-    if key not in _COPY_GBPS:
-        src = torch.empty(nbytes // 4, device=device)
-        dst = torch.empty_like(src)
-        _COPY_GBPS[key] = 2 * nbytes / time_call(lambda: dst.copy_(src), device) / 1e9
-    return _COPY_GBPS[key]
-
-
-def per_call_seconds(benchmark, fn, device: torch.device, rounds: int | None = None, stat: str = "median") -> float:
-    """Time ``fn`` the way a training step issues it: on CUDA each round launches ``CALLS_PER_SYNC`` calls
-    back to back and synchronizes once, so host-side dispatch overlaps GPU work (a sync per call would
-    charge every small kernel its launch latency). Returns seconds per call; ``extra_info`` says how."""
-    calls = CALLS_PER_SYNC if device.type == "cuda" else 1
-
-    def burst():
-        for _ in range(calls):
-            out = fn()
-        synchronize(device)
-        return out
-
-    burst()
-    benchmark.pedantic(burst, rounds=rounds or (10 if device.type == "cuda" else 5), iterations=1, warmup_rounds=1)
-    benchmark.extra_info["calls_per_sync"] = calls
-    return getattr(benchmark.stats.stats, stat) / calls
-
-
-CALLS_PER_SYNC = 10
-
-
-def build_trainer(config: Path, output_dir: Path, overrides=()):
-    from fastjepa.config import load_config
-    from fastjepa.train import Trainer
-
-    quiet = ["train.progress=off", "train.tensorboard=false", "data.num_workers=0"]
-    return Trainer(load_config(config, quiet + list(overrides)), output_dir)
+REPO, CONFIGS = harness.REPO, harness.CONFIGS
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -125,8 +27,14 @@ def _threads():
 
 @pytest.fixture
 def bench_tools():
-    import types
+    names = ("REPO", "CONFIGS", "describe", "synchronize", "measured_gemm_tflops", "build_trainer", "time_call",
+             "copy_gbps", "per_call_seconds", "fashion_mnist_or_synthetic")
+    return types.SimpleNamespace(**{name: getattr(harness, name) for name in names})
 
-    return types.SimpleNamespace(REPO=REPO, CONFIGS=CONFIGS, describe=describe, synchronize=synchronize,
-                                 measured_gemm_tflops=measured_gemm_tflops, build_trainer=build_trainer,
-                                 time_call=time_call, copy_gbps=copy_gbps, per_call_seconds=per_call_seconds)
+
+@pytest.fixture(scope="session")
+def official():
+    """The official I-JEPA modules (``official.load()``); skips with the reason when the code is absent."""
+    if official_code.source() is None:
+        pytest.skip(official_code.why_absent())
+    return official_code.load()

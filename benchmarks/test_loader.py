@@ -50,7 +50,7 @@ def _config(root, loader):
                                      f"train.batch_size={BATCH}", "data.dataset=folder"])
 
 
-REPO_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "vith14.json")
+REPO_CONFIG = "vith14"  # the packaged preset
 
 
 def _torch_images_per_s(cfg, batches_to_time):

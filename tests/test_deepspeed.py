@@ -228,7 +228,7 @@ def test_first_step_matches_two_rank_reference(ds_run, helpers):
             with torch.no_grad():
                 h = target(batch.images)
             rows = h.reshape(-1, h.shape[-1])[batch.masks.tgt_index.long()]
-            loss = F.smooth_l1_loss(model(batch.images, batch.masks), F.layer_norm(rows, rows.shape[-1:], eps=1e-6))
+            loss = F.smooth_l1_loss(model(batch.images, batch.masks), F.layer_norm(rows, rows.shape[-1:], eps=1e-5))
             loss.backward()
             losses.append(loss.item())
             grads.append([p.grad.clone() for p in model.parameters()])
@@ -272,7 +272,8 @@ def data_parallel_replay(config: Path, steps: int, world: int = WORLD):
                 model.zero_grad()
                 with torch.no_grad():
                     h = target(batch.images)
-                loss = jepa_target_loss(model(batch.images, batch.masks), h, batch.masks.tgt_index, backend="reference")
+                loss = jepa_target_loss(model(batch.images, batch.masks), h, batch.masks.tgt_index, backend="reference",
+                                        eps=cfg.train.target_norm_eps)
                 loss.backward()
                 step_losses.append(loss.item())
                 torch._foreach_add_(sums, [p.grad for p in params])

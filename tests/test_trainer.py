@@ -45,9 +45,9 @@ def read_metrics(output_dir):
 
 
 def reference_loss(pred, h, index):
-    """I-JEPA loss re-derived: layer_norm (no affine, eps 1e-6) of the target rows, smooth-L1 (beta 1)."""
+    """I-JEPA loss re-derived: layer_norm (no affine, the official eps 1e-5) of the target rows, smooth-L1 (beta 1)."""
     rows = h.reshape(-1, h.shape[-1])[index.long()]
-    return F.smooth_l1_loss(pred, F.layer_norm(rows, rows.shape[-1:], eps=1e-6), beta=1.0)
+    return F.smooth_l1_loss(pred, F.layer_norm(rows, rows.shape[-1:], eps=1e-5), beta=1.0)
 
 
 def micro_loss_and_grads(model, target, batch):

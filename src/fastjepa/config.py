@@ -171,7 +171,8 @@ class OptimConfig(_Section):
 
 class TrainConfig(_Section):
     max_steps: int = Field(187_500, ge=1, description="optimizer steps to run")
-    # 1.25 x max_steps is the official recipe's ipe_scale 1.25; a short test can stop early on a longer schedule
+    # larger than max_steps: the first steps of a longer run's schedule (the official ipe_scale, 1.0 in its
+    # configs; 1.25 is only init_opt's default argument), e.g. a short run stopping early on a longer schedule
     schedule_steps: int | None = Field(None, ge=1,
         description="steps the lr, weight-decay and EMA schedules span (null: train.max_steps)")
     batch_size: int = Field(128, ge=1, description="images per rank per micro-step")
@@ -187,6 +188,9 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16: autocast with fp32 master weights; fp32")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when visible")
     loss: Literal["smooth_l1", "l2"] = Field("smooth_l1", description="smooth_l1 (beta 1, the official loss) or l2")
+    # the official src/train.py normalises the targets with F.layer_norm(h, (h.size(-1),)): torch's default eps
+    # 1e-5 (the encoders' own LayerNorms use 1e-6)
+    target_norm_eps: float = Field(1e-5, gt=0, description="eps of the layer norm (no affine) of the loss's targets")
     max_nonfinite_steps: int = Field(10, ge=1,
         description="this many skipped (non-finite) steps in a row stop the run with a checkpoint")
     tensorboard: bool = Field(True, description="write tensorboard/ when TensorBoard is installed")

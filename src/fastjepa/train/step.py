@@ -40,8 +40,10 @@ class TrainStep:
         """Optimizer step ``step`` (0-based) over ``grad_accum_steps`` micro-batches. Returns device tensors
         (``loss``, ``skipped``, ``grad_norm``, the collapse watch when ``want_stats``) and the host schedules."""
         cfg, backend = self.cfg, self.backend
-        lr = schedules.learning_rate(step, cfg.optim, self.total_steps)
-        wd = schedules.weight_decay(step, cfg.optim, self.total_steps)
+        # as the official train_step: its schedulers step before each update (the first update already uses
+        # the lr and wd of step 1), its momentum generator yields step 0's value first
+        lr = schedules.learning_rate(step + 1, cfg.optim, self.total_steps)
+        wd = schedules.weight_decay(step + 1, cfg.optim, self.total_steps)
         momentum = schedules.ema_momentum(step, cfg.optim, self.total_steps)
         set_hyperparameters(backend.optimizer, lr, wd)
 
@@ -56,7 +58,8 @@ class TrainStep:
                 h = backend.target_forward(images)  # [B, N, D]
             with self.autocast:
                 pred = backend.forward(images, masks)  # [T_tgt, D]
-            loss = jepa_target_loss(pred, h, masks.tgt_index, cfg.train.loss, backend=self.ops_backend)
+            loss = jepa_target_loss(pred, h, masks.tgt_index, cfg.train.loss, eps=cfg.train.target_norm_eps,
+                                    backend=self.ops_backend)
             loss_sum += loss.detach()
             backend.backward(loss, accum, last=i + 1 == accum)
             if want_stats:  # collapse watch: per-dimension std of the features
