@@ -45,6 +45,10 @@ class ModelConfig(_Section):
     # recompute each transformer block in the backward pass instead of keeping its activations
     # (fastjepa.models.vit.run_blocks); ZeRO-3 needs "reentrant"
     activation_checkpointing: Literal["off", "reentrant", "non_reentrant"] = "off"
+    # the residual stream's dtype on the fused block path (attention_backend triton, or auto on CUDA):
+    # "fp32" (the official code's numerics under autocast) or "bf16" (the tokens' dtype under bf16
+    # autocast: half the stream's bytes). The reference path keeps the plain module chain's dtypes.
+    residual_dtype: Literal["fp32", "bf16"] = "fp32"
 
     @model_validator(mode="after")
     def _grid(self):
