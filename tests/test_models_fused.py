@@ -250,3 +250,32 @@ def test_residual_dtype_config_key(tmp_path, helpers):
     assert ModelConfig().residual_dtype == "fp32"
     with pytest.raises(ConfigError, match="residual_dtype"):
         load_config(helpers.CONFIGS / "demo.json", ["model.residual_dtype=fp16"])
+
+
+def test_fused_path_uses_each_parameter_inside_its_own_module_call():
+    """DeepSpeed ZeRO-3 gathers a module's parameters in its forward pre-hook and frees them after:
+    emulate that (every parameter empty outside its module's call) and the fused encoder and predictor
+    still compute the same outputs, so no parameter is read from outside its module."""
+    enc, pred = encoder("triton"), predictor("triton")
+    images, masks = batch(2, seed=11)
+    with torch.no_grad():
+        want_ctx = enc(images, masks.ctx_index, masks.ctx_cu_seqlens, masks.ctx_max_seqlen)
+        want = pred(want_ctx, masks)
+    full = {}
+    for model in (enc, pred):
+        for module in model.modules():
+            params = list(module.parameters(recurse=False))
+            if not params:
+                continue
+            for p in params:
+                full[p] = p.data
+                p.data = p.data.new_empty(0)
+            module.register_forward_pre_hook(lambda m, args: [setattr(p, "data", full[p])
+                                                              for p in m.parameters(recurse=False)] and None)
+            module.register_forward_hook(lambda m, args, out: [setattr(p, "data", p.data.new_empty(0))
+                                                               for p in m.parameters(recurse=False)] and None)
+    with torch.no_grad():
+        ctx = enc(images, masks.ctx_index, masks.ctx_cu_seqlens, masks.ctx_max_seqlen)
+        got = pred(ctx, masks)
+    assert all(p.numel() == 0 for p in full)
+    assert torch.equal(ctx, want_ctx) and torch.equal(got, want)

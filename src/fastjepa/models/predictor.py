@@ -8,7 +8,17 @@ from fastjepa_kernels import gather_tokens
 
 from ..masks import PackedMasks
 from .pos_embed import sincos_2d
-from .vit import LN_EPS, Block, final_norm, fused_path, init_weights, ops_backend, resolve_backend, run_blocks
+from .vit import (
+    LN_EPS,
+    Block,
+    LayerNorm,
+    final_norm,
+    fused_path,
+    init_weights,
+    ops_backend,
+    resolve_backend,
+    run_blocks,
+)
 
 
 class Predictor(nn.Module):
@@ -26,7 +36,7 @@ class Predictor(nn.Module):
         self.blocks = nn.ModuleList(Block(pred_dim, num_heads, mlp_ratio, attention_backend, residual_dtype)
                                     for _ in range(depth))
         self.ops_backend = ops_backend(attention_backend)
-        self.norm = nn.LayerNorm(pred_dim, eps=LN_EPS)
+        self.norm = LayerNorm(pred_dim, eps=LN_EPS)
         self.predictor_proj = nn.Linear(pred_dim, embed_dim)
         init_weights(self, self.blocks)
         nn.init.trunc_normal_(self.mask_token, std=0.02)

@@ -17,7 +17,9 @@ Two paths through the blocks, chosen per call by :func:`fused_path` (the attenti
   (``residual_dtype="fp32"``, the official code's numerics: its ``x + pos_embed`` promotes to fp32)
   or in the tokens' dtype (``"bf16"``: bf16 under autocast, the reference path's dtype).
 
-Parameters and state-dict keys are the same on both paths.
+Parameters and state-dict keys are the same on both paths: the fused ops run inside the calls of
+``norm1``, ``norm2``, ``norm`` and ``mlp.fc1`` (:class:`LayerNorm`, :class:`Linear`, subclasses of
+torch's), so module hooks still see every parameter's use (DeepSpeed ZeRO-3 gathers them there).
 """
 from __future__ import annotations
 
@@ -68,14 +70,37 @@ class Attention(nn.Module):
         return self.proj(out.reshape(tokens, -1))
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters, same state-dict keys) that can also take the residual add
+    before it: ``norm(x)`` is the plain LayerNorm, ``norm(x, residual, fused=True, ...)`` is
+    ``fastjepa_kernels.fused_add_layer_norm`` -> ``(normed, new_residual)``. Either way it runs as its
+    own module call, so hooks on it fire (DeepSpeed ZeRO-3 gathers a module's parameters in one)."""
+
+    def forward(self, x, residual=None, fused: bool = False, out_dtype=None, residual_dtype=None):
+        if not fused:
+            return super().forward(x)
+        return fused_add_layer_norm(x, residual, self.weight, self.bias, self.eps, out_dtype=out_dtype,
+                                    residual_dtype=residual_dtype, backend="triton")
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose ``forward(x, gelu=True)`` is ``gelu(x @ W^T + b)`` with the bias added in fp32
+    by ``fastjepa_kernels.bias_gelu`` (the GEMM runs without it); plain ``forward(x)`` is nn.Linear's."""
+
+    def forward(self, x, gelu: bool = False):
+        if not gelu:
+            return super().forward(x)
+        return bias_gelu(F.linear(x, self.weight), self.bias, backend="triton")
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.fc1, self.act, self.fc2 = Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
 
     def forward(self, x, fused: bool = False):
-        if fused:  # fc1 as a plain matmul; its bias joins the exact GELU in one fp32 pass
-            return self.fc2(bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, backend="triton"))
+        if fused:  # fc1's bias joins the exact GELU in one fp32 pass
+            return self.fc2(self.fc1(x, gelu=True))
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -104,9 +129,9 @@ class Block(nn.Module):
         if residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(f"residual_dtype {residual_dtype!r} is unknown; choose one of {RESIDUAL_DTYPES}")
         self.backend, self.residual_dtype = backend, residual_dtype
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm1 = LayerNorm(dim, eps=LN_EPS)
         self.attn = Attention(dim, num_heads, backend)
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm2 = LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x, cu_seqlens, max_seqlen, residual=None, carry: bool = False):
@@ -126,22 +151,19 @@ class Block(nn.Module):
         """``(hidden, residual) -> (hidden, residual)`` with every add fused into the next LayerNorm."""
         stream = torch.float32 if self.residual_dtype == "fp32" else None  # None: the tokens' dtype
         out_dtype = matmul_dtype(hidden, self.attn.qkv.weight)
-        normed, residual = fused_add_layer_norm(hidden, residual, self.norm1.weight, self.norm1.bias, LN_EPS,
-                                                out_dtype=out_dtype, residual_dtype=stream if residual is None else None,
-                                                backend="triton")
+        normed, residual = self.norm1(hidden, residual, fused=True, out_dtype=out_dtype,
+                                      residual_dtype=stream if residual is None else None)
         hidden = self.attn(normed, cu_seqlens, max_seqlen)
-        normed, residual = fused_add_layer_norm(hidden, residual, self.norm2.weight, self.norm2.bias, LN_EPS,
-                                                out_dtype=out_dtype, backend="triton")
+        normed, residual = self.norm2(hidden, residual, fused=True, out_dtype=out_dtype)
         return self.mlp(normed, fused=True), residual
 
 
-def final_norm(norm: nn.LayerNorm, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+def final_norm(norm: LayerNorm, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     """The encoder's or predictor's last LayerNorm fused with the last block's add (the fused path's
     end). Output in the stream's and the weight's promoted dtype: fp32 under autocast, as CUDA's
     autocast gives ``F.layer_norm``."""
     stream = residual.dtype if residual is not None else hidden.dtype
-    normed, _ = fused_add_layer_norm(hidden, residual, norm.weight, norm.bias, norm.eps,
-                                     out_dtype=torch.promote_types(stream, norm.weight.dtype), backend="triton")
+    normed, _ = norm(hidden, residual, fused=True, out_dtype=torch.promote_types(stream, norm.weight.dtype))
     return normed
 
 
@@ -212,7 +234,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, attention_backend, residual_dtype)
                                     for _ in range(depth))
         self.ops_backend = ops_backend(attention_backend)
-        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        self.norm = LayerNorm(embed_dim, eps=LN_EPS)
         init_weights(self, self.blocks)
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
