@@ -40,7 +40,7 @@ def test_both_architectures_cover_the_same_variants(aot_results):
     assert by_arch[80] == by_arch[90] and by_arch[80]
 
 
-@pytest.mark.parametrize("family", ["attention", "gather", "target_loss", "ema"])
+@pytest.mark.parametrize("family", ["attention", "gather", "target_loss", "ema", "layer_norm", "bias_gelu"])
 def test_each_kernel_family_is_listed(aot_results, family):
     assert any(r["name"].startswith(family) for r in aot_results), f"no AOT variants named {family}*"
 

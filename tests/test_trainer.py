@@ -329,7 +329,7 @@ def test_compiled_blocks_train_like_eager(tmp_path, tiny, checkpointing):
 def test_grad_clipping(tmp_path, tiny):
     """optim.clip_grad: grad_norm reported is the pre-clip norm; the optimizer sees grads of norm clip."""
     clip = 1e-3
-    cfg = load_config(None, tiny + [f"optim.clip_grad={clip}", "train.max_steps=1"])
+    cfg = load_config(None, tiny + [f"optim.clip_grad={clip}", "train.max_steps=100"])
     trainer = Trainer(cfg, tmp_path)
     batch = trainer.batches[(0, 0)]
     _, ref = micro_loss_and_grads(trainer.model, trainer.target, batch)

@@ -76,6 +76,11 @@ class ModelConfig(_Section):
         "off", description="recompute each transformer block in the backward pass instead of keeping its "
                            "activations (ZeRO-3 uses reentrant)")
 
+    # the fused block path (attention_backend triton, or auto on CUDA): fp32 is the official code's stream
+    # under autocast (its fp32 position table promotes the sum); bf16 halves the stream's bytes
+    residual_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype of the residual stream on the fused block path (the reference path keeps its own)")
+
     def shape(self) -> tuple[int, int, int, float]:
         """``(width, depth, heads, mlp_ratio)`` after the arch's values fill in the nulls."""
         width, depth, heads, ratio = ARCHS[self.arch]

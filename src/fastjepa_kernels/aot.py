@@ -22,7 +22,7 @@ from ._backend import interpreting
 
 # shared memory per block, bytes (CUDA programming guide, "Technical Specifications per Compute Capability")
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-KERNEL_MODULES = ("attention", "gather", "target_loss", "ema")
+KERNEL_MODULES = ("attention", "gather", "target_loss", "ema", "layer_norm", "bias_gelu")
 
 
 @dataclasses.dataclass(frozen=True)
