@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -106,6 +106,22 @@ class OptimConfig(_Section):
         return _check_range("optim.ema_momentum", v, 0.0, 1.0)
 
 
+class WandbConfig(_Section):
+    """``train.wandb``: a Weights & Biases run (``wandb.init`` arguments)."""
+
+    project: str = Field(description="the W&B project")
+    entity: str | None = Field(None, description="the W&B team or user (null: the login's default)")
+    name: str | None = Field(None, description="the run's name (null: the output folder's name)")
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="online, offline (written under OUTPUT/wandb, synced later with `wandb sync`) or "
+        "disabled; null: WANDB_MODE or online")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _project_name(cls, value):
+        return {"project": value} if isinstance(value, str) else value  # train.wandb=my-project
+
+
 class TrainConfig(_Section):
     max_steps: int = 187_500
     # the step count the lr, weight-decay and EMA schedules span (None: max_steps). Larger than
@@ -122,7 +138,17 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     loss: Literal["smooth_l1", "l2"] = "smooth_l1"
     max_nonfinite_steps: int = 10  # this many skipped steps in a row stop the run (with a checkpoint)
-    tensorboard: bool = True
+    tensorboard: bool | None = Field(
+        None, description="TensorBoard event files in OUTPUT/tensorboard: null = on when the tensorboard package is "
+        "installed (silently off otherwise), true = required (start-up error without it), false = off")
+    wandb: WandbConfig | None = Field(
+        None, description="Weights & Biases logging from rank 0: null = off, a project name, or "
+        '{"project", "entity", "name", "mode"} (mode offline needs no network; WANDB_MODE also works)')
+    online_probe: bool = Field(
+        False, description="train a linear classifier on the detached, pooled target-encoder features beside the "
+        "run (on the data set's labels); logs online_probe_top1, never touches the encoder's gradients")
+    online_probe_every: int = Field(1, description="train the online probe every this many optimizer steps")
+    online_probe_lr: float = Field(1e-3, description="the online probe's AdamW learning rate (no weight decay)")
     progress: Literal["auto", "on", "off"] = "auto"
     # torch.compile each transformer block (regional: one compiled graph shared by all blocks of a
     # width; dynamic token counts). Fuses LayerNorm, bias, GELU and residual adds around the kernels.
@@ -133,6 +159,8 @@ class TrainConfig(_Section):
         for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1")
+        if self.online_probe_every < 1:
+            raise ValueError("train.online_probe_every must be >= 1")
         if self.schedule_steps is not None and self.schedule_steps < 1:
             raise ValueError("train.schedule_steps must be >= 1 (or null for train.max_steps)")
         return self
