@@ -65,6 +65,14 @@ def test_rankme_of_a_flat_spectrum_is_the_rank(rank):
     assert float(rankme(torch.from_numpy(z).float())) == pytest.approx(rank, rel=1e-3)
 
 
+def test_rankme_of_degenerate_features():
+    z = torch.randn(16, 8)
+    z[3, 2] = float("nan")
+    assert torch.isnan(rankme(z))
+    assert float(rankme(torch.zeros(16, 8))) == pytest.approx(1.0, abs=1e-4)  # total collapse
+    assert float(rankme(torch.ones(16, 8))) == pytest.approx(1.0, abs=1e-4)  # every row the same
+
+
 def test_logged_rankme_is_the_logged_steps_pooled_target_features(tiny, tmp_path, monkeypatch, helpers):
     """target_rankme in metrics.jsonl = the float64 reference on h.mean(1) of the logged step's target
     forward; RankMe runs on logging steps only (2 of 6 steps at log_every=3)."""

@@ -23,11 +23,13 @@ WANDB_ID_FILE = "wandb_run_id"  # beside metrics.jsonl: a resumed run continues 
 def rankme(features: torch.Tensor, eps: float = RANKME_EPS) -> torch.Tensor:
     """RankMe (Garrido et al., ICML 2023), the effective rank of ``features`` [n, D]: with singular values
     sigma_k and p_k = sigma_k / sum(sigma) + eps, ``exp(-sum p_k log p_k)``. Between 1 (every row on one
-    line) and min(n, D). A 0-d float32 tensor on the features' device: no host copy here (on CUDA the SVD
-    itself waits for the device, so the step calls this on logging steps only)."""
-    sigma = torch.linalg.svdvals(features.float())
-    p = sigma / sigma.sum() + eps
-    return torch.exp(-(p * torch.log(p)).sum())
+    line) and min(n, D); NaN when a feature is not finite. A 0-d float32 tensor on the features' device: no
+    host copy here (on CUDA the SVD itself waits for the device, so the step calls this on logging steps only)."""
+    features = features.float()
+    finite = torch.isfinite(features).all()  # a non-finite step's features: NaN out, decided on the device
+    sigma = torch.linalg.svdvals(torch.where(finite, features, 0.0))  # (the SVD fails on NaN input)
+    p = sigma / sigma.sum().clamp_min(torch.finfo(sigma.dtype).tiny) + eps  # all-zero features: RankMe 1
+    return torch.where(finite, torch.exp(-(p * torch.log(p)).sum()), float("nan"))
 
 
 def check_monitoring(cfg: Config) -> None:
