@@ -133,17 +133,19 @@ def separable(means: np.ndarray, rng, batch=32, tokens=5):
 
 def test_probe_learns_separable_data_and_counts_its_hits():
     """The probe reaches > 95 % on separable clusters; the window's hits are those of the head's logits
-    before each update, recomputed here in float64."""
+    before each update, recomputed here in float64 (batch-standardised features, then the linear layer)."""
     rng = np.random.default_rng(0)
     means = rng.standard_normal((4, 16)) * 3.0
-    probe = OnlineProbe(16, 4, lr=1e-2)
+    probe = OnlineProbe(16, 4)  # the default lr, 1e-2
     windows = []
     for size in (1, 50, 50, 50):  # the first window: one batch on the zero head
         expected = 0
         for _ in range(size):
             h, labels = separable(means, rng)
             w, b = probe.head.weight.detach().double(), probe.head.bias.detach().double()
-            expected += int(((h.double().mean(1) @ w.T + b).argmax(1) == labels).sum())
+            f = h.double().mean(1)
+            f = (f - f.mean(0)) / (f.var(0, unbiased=False) + probe.norm.eps).sqrt()  # batch statistics
+            expected += int(((f @ w.T + b).argmax(1) == labels).sum())
             probe.update(h, labels)
         correct, loss_sum, seen = probe.take_window()
         assert int(correct) == expected and seen == size * 32

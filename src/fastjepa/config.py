@@ -145,10 +145,11 @@ class TrainConfig(_Section):
         None, description="Weights & Biases logging from rank 0: null = off, a project name, or "
         '{"project", "entity", "name", "mode"} (mode offline needs no network; WANDB_MODE also works)')
     online_probe: bool = Field(
-        False, description="train a linear classifier on the detached, pooled target-encoder features beside the "
-        "run (on the data set's labels); logs online_probe_top1, never touches the encoder's gradients")
+        False, description="train a linear classifier on the detached, pooled and standardised target-encoder "
+        "features beside the run (on the data set's labels); logs online_probe_top1, never touches the encoder's "
+        "gradients")
     online_probe_every: int = Field(1, description="train the online probe every this many optimizer steps")
-    online_probe_lr: float = Field(1e-3, description="the online probe's AdamW learning rate (no weight decay)")
+    online_probe_lr: float = Field(1e-2, description="the online probe's AdamW learning rate (no weight decay)")
     progress: Literal["auto", "on", "off"] = "auto"
     # torch.compile each transformer block (regional: one compiled graph shared by all blocks of a
     # width; dynamic token counts). Fuses LayerNorm, bias, GELU and residual adds around the kernels.

