@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 MODULES = {".".join(p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__"): p for p in SRC.rglob("*.py")}
 
 # component -> the components it may import (a component: the first name after ``fastjepa.``)
-LEAVES = {"optim", "schedules", "flops", "memory", "bench_report"}  # bench_report: JSON in, a table out
+LEAVES = {"optim", "schedules", "flops", "memory", "bench_report", "plot"}  # bench_report, plot: JSON in, a table or picture out
 ALLOWED = {
     "config": set(),
     "masks": {"config"},

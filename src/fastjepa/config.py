@@ -174,6 +174,22 @@ class OptimConfig(_Section):
         return _check_range(v, 0.0, 1.0)
 
 
+class WandbConfig(_Section):
+    """``train.wandb``: a Weights & Biases run (``wandb.init`` arguments)."""
+
+    project: str = Field(description="the W&B project")
+    entity: str | None = Field(None, description="the W&B team or user (null: the login's default)")
+    name: str | None = Field(None, description="the run's name (null: the output folder's name)")
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="online, offline (written under OUTPUT/wandb, synced later with `wandb sync`) or "
+        "disabled; null: WANDB_MODE or online")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _project_name(cls, value):
+        return {"project": value} if isinstance(value, str) else value  # train.wandb=my-project
+
+
 class TrainConfig(_Section):
     max_steps: int = Field(187_500, ge=1, description="optimizer steps to run")
     # larger than max_steps: the first steps of a longer run's schedule (the official ipe_scale, 1.0 in its
@@ -198,7 +214,18 @@ class TrainConfig(_Section):
     target_norm_eps: float = Field(1e-5, gt=0, description="eps of the layer norm (no affine) of the loss's targets")
     max_nonfinite_steps: int = Field(10, ge=1,
         description="this many skipped (non-finite) steps in a row stop the run with a checkpoint")
-    tensorboard: bool = Field(True, description="write tensorboard/ when TensorBoard is installed")
+    tensorboard: bool | None = Field(
+        None, description="TensorBoard event files in OUTPUT/tensorboard: null = on when the tensorboard package is "
+        "installed (silently off otherwise), true = required (start-up error without it), false = off")
+    wandb: WandbConfig | None = Field(
+        None, description="Weights & Biases logging from rank 0: null = off, a project name, or "
+        '{"project", "entity", "name", "mode"} (mode offline needs no network; WANDB_MODE also works)')
+    online_probe: bool = Field(
+        False, description="train a linear classifier on the detached, pooled and standardised target-encoder "
+        "features beside the run (on the data set's labels); logs online_probe_top1, never touches the encoder's "
+        "gradients")
+    online_probe_every: int = Field(1, ge=1, description="train the online probe every this many optimizer steps")
+    online_probe_lr: float = Field(1e-2, gt=0, description="the online probe's AdamW learning rate (no weight decay)")
     progress: Literal["auto", "on", "off"] = Field("auto",
         description="a progress bar (auto: on a terminal) instead of one line per logged step")
     compile: bool = Field(False, description="torch.compile each transformer block (dynamic token counts)")

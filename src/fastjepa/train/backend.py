@@ -7,7 +7,9 @@ is the one place that decides which runs.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -16,6 +18,7 @@ import torch.nn as nn
 
 from ..config import Config, ConfigError
 from .checkpoint import CheckpointStore, FileStore
+from .launch import Launch, LaunchError, batch_step_note, detect_launch
 
 
 class ExecutionBackend(Protocol):
@@ -71,6 +74,13 @@ def pick_device(cfg: Config, local_rank: int | None = None) -> torch.device:
         raise ConfigError("train.device='cuda' but no CUDA device is visible")
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         index = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", 0))
+        # --- launcher detection (launch.py): a task that sees one GPU only (srun --gpus-per-task=1) uses it
+        count = torch.cuda.device_count()
+        if count == 1:
+            index = 0
+        elif index >= count:
+            raise ConfigError(f"local rank {index} but only {count} CUDA devices are visible to this process")
+        # ---
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
@@ -133,20 +143,38 @@ class SingleProcess:
         pass
 
 
-def deepspeed_wanted(cfg: Config, local_rank: int | None) -> bool:
-    """``deepspeed.enabled``: ``on``, ``off``, or ``auto`` (on under the deepspeed launcher)."""
-    if cfg.deepspeed.enabled == "auto":
-        return local_rank is not None or "LOCAL_RANK" in os.environ
-    return cfg.deepspeed.enabled == "on"
+# --- launcher detection (launch.py): every multi-process launch goes through DeepSpeed, or stops -------------
+def deepspeed_wanted(cfg: Config, launch: Launch) -> bool:
+    """``deepspeed.enabled``: ``on``, ``off``, or ``auto`` (on under the deepspeed launcher, and under any
+    launcher that started several processes). Several processes with DeepSpeed off or not installed raise
+    :class:`LaunchError`: each would train alone into the same folder."""
+    several = launch.world_size > 1
+    if cfg.deepspeed.enabled == "off":
+        if several:
+            raise LaunchError(f"deepspeed.enabled=off but {launch.kind} started {launch.world_size} processes: "
+                              "each would train alone into the same folder (set deepspeed.enabled=auto)")
+        return False
+    wanted = cfg.deepspeed.enabled == "on" or several or launch.kind == "deepspeed"
+    if wanted and importlib.util.find_spec("deepspeed") is None:
+        why = f"{launch.kind} started {launch.world_size} processes" if several else "deepspeed.enabled=on"
+        raise LaunchError(f"{why} but DeepSpeed is not installed, and data-parallel runs go through it: "
+                          "pip install 'fastjepa[deepspeed]'")
+    return wanted
 
 
-def make_backend(cfg: Config, local_rank: int | None = None) -> ExecutionBackend:
-    """The backend this run asks for."""
-    if deepspeed_wanted(cfg, local_rank):
+def make_backend(cfg: Config, local_rank: int | None = None, environ=None) -> ExecutionBackend:
+    """The backend this run asks for: ``local_rank`` is the ``--local_rank`` argument (the DeepSpeed
+    launcher's), ``environ`` the environment to read the launcher from (default ``os.environ``)."""
+    launch = detect_launch(environ, local_rank)
+    if deepspeed_wanted(cfg, launch):
         from .deepspeed_backend import DeepSpeedBackend  # DeepSpeed is optional: imported only when it runs
 
-        return DeepSpeedBackend(cfg, local_rank)
-    return SingleProcess(cfg, local_rank)
+        return DeepSpeedBackend(cfg, launch)
+    note = batch_step_note(environ)
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    return SingleProcess(cfg, launch.local_rank if launch.distributed else local_rank)
+# ---
 
 
 __all__ = ["ExecutionBackend", "SingleProcess", "deepspeed_wanted", "make_backend", "pick_device"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from ..io.files import checkpoint_tag
 from ..io.train_state import TrainState
 from . import zero
 from .backend import pick_device
+from .launch import Launch
 
 TAG_RE = re.compile(r"step_\d{8}")
 
@@ -48,11 +50,26 @@ def release_shm_buffer_name(rank: int) -> None:
         pass
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a one-process DeepSpeed run's own rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class DeepSpeedBackend:
     """``deepspeed.initialize`` engines for the online model (and, under ZeRO-3, the target encoder)."""
 
-    def __init__(self, cfg: Config, local_rank: int | None = None):
+    def __init__(self, cfg: Config, launch: Launch):
         self.cfg = cfg
+        # --- launcher detection (launch.py): DeepSpeed joins through torch's env:// variables, so a SLURM
+        # launch's are made from SLURM's, and one process on its own gets a rendezvous of its own
+        env = launch.torch_env()
+        if launch.kind == "none":
+            env["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(free_port())
+        os.environ.update(env)
+        self.launch = launch
+        # ---
         comm = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
         deepspeed.init_distributed(dist_backend=comm)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -60,7 +77,7 @@ class DeepSpeedBackend:
         if comm == "gloo":
             dist.barrier()  # every rank has mapped its peers' shared-memory buffers
             release_shm_buffer_name(self.rank)
-        self.device = pick_device(cfg, local_rank)
+        self.device = pick_device(cfg, launch.local_rank)
         self.zero3 = cfg.deepspeed.zero_stage == 3
 
     def prepare(self, model, target, optimizer) -> None:

@@ -1,8 +1,9 @@
-"""Run metrics: the logging window's sums (:class:`MetricsWindow`) and where records go
-(:class:`MetricsLogger`: ``metrics.jsonl``, one object per logged step, TensorBoard when installed, a
-progress bar on a terminal; only rank 0 writes)."""
+"""Run metrics: the logging window's sums (:class:`MetricsWindow`), the collapse measure (:func:`rankme`) and
+where records go (:class:`MetricsLogger`: ``metrics.jsonl``, one object per logged step; TensorBoard when
+installed; Weights & Biases when asked for; a progress bar on a terminal; only rank 0 writes)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -12,12 +13,34 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..config import Config, ConfigError
 from ..flops import step_flops
 
-try:  # optional
-    from torch.utils.tensorboard import SummaryWriter
-except ImportError:  # tensorboard not installed
-    SummaryWriter = None
+RANKME_EPS = 1e-7  # Garrido et al., ICML 2023 ("RankMe"), eq. 1: the epsilon added to each normalised singular value
+WANDB_ID_FILE = "wandb_run_id"  # beside metrics.jsonl: a resumed run continues the same W&B run
+
+
+def rankme(features: torch.Tensor, eps: float = RANKME_EPS) -> torch.Tensor:
+    """RankMe (Garrido et al., ICML 2023), the effective rank of ``features`` [n, D]: with singular values
+    sigma_k and p_k = sigma_k / sum(sigma) + eps, ``exp(-sum p_k log p_k)``. Between 1 (every row on one
+    line) and min(n, D); NaN when a feature is not finite. A 0-d float32 tensor on the features' device: no
+    host copy here (on CUDA the SVD itself waits for the device, so the step calls this on logging steps only)."""
+    features = features.float()
+    finite = torch.isfinite(features).all()  # a non-finite step's features: NaN out, decided on the device
+    sigma = torch.linalg.svdvals(torch.where(finite, features, 0.0))  # (the SVD fails on NaN input)
+    p = sigma / sigma.sum().clamp_min(torch.finfo(sigma.dtype).tiny) + eps  # all-zero features: RankMe 1
+    return torch.where(finite, torch.exp(-(p * torch.log(p)).sum()), float("nan"))
+
+
+def check_monitoring(cfg: Config) -> None:
+    """Start-up check: a logger asked for by name must be importable (one line naming the key, exit 2)."""
+    t = cfg.train
+    if t.tensorboard is True and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("train.tensorboard=true but the tensorboard package is not installed: "
+                          "pip install 'fastjepa[tensorboard]' (or leave train.tensorboard at null: on when installed)")
+    if t.wandb is not None and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"train.wandb={t.wandb.project!r} but the wandb package is not installed: "
+                          "pip install 'fastjepa[wandb]' (or set train.wandb=null)")
 
 
 class MetricsWindow:
@@ -25,8 +48,8 @@ class MetricsWindow:
     count) stay on the device until :meth:`record`, the one host sync of a logging step; host counts
     (images, tokens, FLOPs, time waited for data) come from the host-side masks."""
 
-    def __init__(self, model, device: torch.device):
-        self.model, self.device = model, device
+    def __init__(self, model, device: torch.device, probe=None):
+        self.model, self.device, self.probe = model, device, probe  # probe: an OnlineProbe or None
         self.loss = torch.zeros((), device=device)
         self.finite = torch.zeros((), device=device)  # steps in the window with a finite loss
         self._reset_host()
@@ -51,10 +74,13 @@ class MetricsWindow:
             torch.cuda.synchronize()  # logging interval only
         elapsed = time.perf_counter() - self.start
         # float64: token and FLOP counts stay exact; the device sums are copied to the host here (the sync)
-        totals = torch.tensor([0.0, 0.0, self.images, self.ctx_tokens, self.tgt_tokens, self.flops, skipped_images],
-                              dtype=torch.float64)
+        totals = torch.tensor([0.0, 0.0, self.images, self.ctx_tokens, self.tgt_tokens, self.flops, skipped_images,
+                               0.0, 0.0, 0.0], dtype=torch.float64)
         totals[0], totals[1] = self.loss.double().cpu(), self.finite.double().cpu()
-        loss, finite, images, ctx, tgt, flops, skipped = backend.all_reduce_sum(totals).tolist()
+        if self.probe is not None:  # the probe's window: top-1 hits and loss summed on the device, images on the host
+            correct, probe_loss, seen = self.probe.take_window()
+            totals[7], totals[8], totals[9] = correct.double().cpu(), probe_loss.double().cpu(), seen
+        loss, finite, images, ctx, tgt, flops, skipped, correct, probe_loss, seen = backend.all_reduce_sum(totals).tolist()
         record = {
             "step": step,
             "epoch": epoch,
@@ -71,6 +97,11 @@ class MetricsWindow:
             "skipped_images": int(skipped),
             "skipped_steps": int(skipped_steps),
         }
+        if "target_rankme" in out:
+            record["target_rankme"] = float(out["target_rankme"])
+        if self.probe is not None:  # None for a window without a probe step (train.online_probe_every)
+            record["online_probe_top1"] = correct / seen if seen else None
+            record["online_probe_loss"] = probe_loss / seen if seen else None
         self.loss.zero_()
         self.finite.zero_()
         self._reset_host()
@@ -78,19 +109,24 @@ class MetricsWindow:
 
 
 class MetricsLogger:
+    """Where the records go (rank 0 only: ``enabled``). ``tensorboard``: True, False, or None (on when the
+    package is installed, silently off otherwise). ``wandb``: a ``WandbConfig`` or None; ``config`` (the
+    run's resolved config) is logged with it. :func:`check_monitoring` has run at start-up."""
+
     def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool = True,
-                 progress: str = "auto", tensorboard: bool = True):
+                 progress: str = "auto", tensorboard: bool | None = None, wandb=None, config: dict | None = None):
         self.enabled = enabled
-        self.file = open(Path(output_dir) / "metrics.jsonl", "a") if enabled else None
+        output_dir = Path(output_dir)
+        self.file = open(output_dir / "metrics.jsonl", "a") if enabled else None
         show = {"on": True, "off": False}.get(progress, sys.stderr.isatty())
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not (enabled and show),
                         dynamic_ncols=True, unit="step")
         self.tb = None
-        if enabled and tensorboard:
-            if SummaryWriter is None:
-                print("fastjepa: tensorboard not installed; logging to metrics.jsonl only", file=sys.stderr)
-            else:
-                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        if enabled and tensorboard is not False and importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter  # optional: imported only when it writes
+
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+        self.wandb = start_wandb(wandb, output_dir, config) if enabled and wandb is not None else None
 
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)
@@ -108,10 +144,12 @@ class MetricsLogger:
         if self.bar.disable:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
                   flush=True)
+        scalars = {k: v for k, v in clean.items() if k != "step" and isinstance(v, (int, float))}
         if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["step"])
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -123,3 +161,18 @@ class MetricsLogger:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(settings, output_dir: Path, config: dict | None):
+    """A W&B run for ``train.wandb`` (``settings``: project, entity, name, mode) writing under
+    ``output_dir/wandb``; the run id is kept in ``output_dir/wandb_run_id`` so ``--resume`` continues it."""
+    import wandb  # optional: imported only when asked for (check_monitoring made sure it is there)
+
+    id_file = output_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else None  # None: W&B makes one
+    run = wandb.init(project=settings.project, entity=settings.entity, name=settings.name or output_dir.name,
+                     mode=settings.mode, dir=str(output_dir), config=config, id=run_id, resume="allow")
+    id_file.write_text(run.id + "\n")
+    return run

@@ -20,6 +20,7 @@ from fastjepa_kernels import ema_, jepa_target_loss
 from .. import schedules
 from ..config import Config
 from ..optim import set_hyperparameters
+from .metrics import rankme
 
 
 class TrainStep:
@@ -35,6 +36,7 @@ class TrainStep:
         self.total_steps = cfg.train.schedule_steps or cfg.train.max_steps  # what the schedules span
         self.skipped_steps = torch.zeros((), device=device)
         self.nonfinite_run = torch.zeros((), device=device)
+        self.probe = None  # an OnlineProbe (online_probe.py) the trainer may set: trained on detached features
 
     def __call__(self, step: int, micro_batches, want_stats: bool = False) -> dict:
         """Optimizer step ``step`` (0-based) over ``grad_accum_steps`` micro-batches. Returns device tensors
@@ -62,9 +64,14 @@ class TrainStep:
                                     backend=self.ops_backend)
             loss_sum += loss.detach()
             backend.backward(loss, accum, last=i + 1 == accum)
-            if want_stats:  # collapse watch: per-dimension std of the features
+            if self.probe is not None and self.probe.wants(step):  # its own graph: h is detached inside
+                self.probe.update(h, batch.labels)
+            if want_stats:  # collapse watch: per-dimension std of the features, and their effective rank
                 stats["target_feature_std"] = h.float().std(dim=(0, 1)).mean()
                 stats["pred_feature_std"] = pred.detach().float().std(dim=0).mean()
+                # RankMe on one pooled embedding per image, as Garrido et al. (ICML 2023) compute it on image
+                # representations; so it is at most min(B, D) for a micro-batch of B images
+                stats["target_rankme"] = rankme(h.float().mean(1))
         loss_mean = loss_sum / accum
 
         # ---- update, skipped on the device when anything is not finite ---------------------------------

@@ -23,7 +23,8 @@ from ..models import build_models, compile_blocks
 from ..optim import build_optimizer
 from .backend import make_backend
 from .checkpoint import Checkpoints
-from .metrics import MetricsLogger, MetricsWindow
+from .metrics import MetricsLogger, MetricsWindow, check_monitoring
+from .online_probe import build_online_probe
 from .signals import StopRequests
 from .step import TrainStep
 
@@ -35,6 +36,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, output_dir: str | Path, resume: bool = False, local_rank: int | None = None):
         self.cfg, self.output_dir = cfg, Path(output_dir)
+        check_monitoring(cfg)  # a logger asked for but not installed: a config error before anything starts
         self.backend = make_backend(cfg, local_rank)
         self.device, self.rank, self.world_size = self.backend.device, self.backend.rank, self.backend.world_size
         self.is_main = self.backend.is_main
@@ -52,6 +54,10 @@ class Trainer:
         self.say(batch_summary(cfg, self.world_size, self.data.steps_per_epoch))
         if (warning := global_batch_warning(cfg, self.world_size)) is not None:
             self.say(warning)
+        self.probe, probe_note = build_online_probe(cfg, self.model.encoder.embed_dim, self.device)  # or None
+        self.step_fn.probe = self.probe
+        if probe_note:
+            self.say(probe_note)
         self.step = 0  # optimizer steps done
         self.skipped_images = 0  # this rank's count (rank 0 also carries the resumed total)
         self.stop = StopRequests()
@@ -93,6 +99,8 @@ class Trainer:
 
     def save(self, final: bool = False) -> None:
         self.checkpoints.save(self.state(), final)
+        if self.probe is not None and self.is_main:  # the probe's own small file beside the checkpoints
+            self.probe.save(self.output_dir / "checkpoints", self.step)
 
     def resume(self) -> None:
         found = self.checkpoints.resume()
@@ -107,6 +115,8 @@ class Trainer:
         self.step_fn.nonfinite_run.copy_(torch.as_tensor(state.nonfinite_run))
         if state.torch_rng is not None:
             torch.set_rng_state(state.torch_rng.cpu())
+        if self.probe is not None:
+            self.probe.load(self.output_dir / "checkpoints")
         warning = restore_stream(self.data, state.data, self.rank, self.world_size)
         if warning:
             self.say(f"fastjepa: {warning}")
@@ -121,8 +131,8 @@ class Trainer:
         accum = t.grad_accum_steps
         batches = self.data.iterate(self.step * accum, t.max_steps * accum)
         logger = MetricsLogger(self.output_dir, t.max_steps, self.step, enabled=self.is_main,
-                               progress=t.progress, tensorboard=t.tensorboard)
-        window = MetricsWindow(self.model, self.device)
+                               progress=t.progress, tensorboard=t.tensorboard, wandb=t.wandb, config=self.cfg.to_dict())
+        window = MetricsWindow(self.model, self.device, probe=self.probe)
         # the host reads device state only every check_every steps; ranks agree on stopping as often (one rank
         # has nobody to agree with: it stops at the first step boundary after a signal)
         check_every = min(t.log_every, max(1, t.max_nonfinite_steps))
