@@ -38,3 +38,20 @@ def official():
     if official_code.source() is None:
         pytest.skip(official_code.why_absent())
     return official_code.load()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """After pytest-benchmark's timing tables, the figures a person reads (``fastjepa.bench_report``): each
+    benchmark's images/s, TFLOP/s or GB/s, the fraction of the device's peak and the ratio against its peer.
+    ``--benchmark-json`` keeps everything; ``fastjepa bench-report FILE.json`` prints this table again."""
+    session = getattr(config, "_benchmarksession", None)
+    done = [b for b in getattr(session, "benchmarks", []) if getattr(b, "stats", None) is not None]
+    if not done:
+        return
+    from fastjepa import bench_report
+
+    raw = {"benchmarks": [{"name": b.name, "fullname": b.fullname, "stats": {"median": b.stats.median},
+                           "extra_info": dict(b.extra_info)} for b in done]}
+    terminalreporter.write_sep("-", "fastjepa throughput summary")
+    terminalreporter.write_line(bench_report.render(bench_report.rows(raw)))

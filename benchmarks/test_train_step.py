@@ -195,7 +195,7 @@ def test_packed_vs_padded(benchmark, bench_tools, tmp_path, mode):
     padded = (b * max(masks.ctx_lens) * len(model.encoder.blocks)
               + len(masks.pred_lens) * max(masks.pred_lens) * len(model.predictor.blocks))
     _record(benchmark, bench_tools, device, step_flops(model, masks, b), b, {
-        "mode": mode, "config": config, "batch_size": b, "precision": trainer.cfg.train.precision,
+        "mode": mode, "provider": mode, "config": config, "batch_size": b, "precision": trainer.cfg.train.precision,
         "what": "target fwd + context encoder + predictor fwd/bwd (no optimizer, no EMA)",
         "context_lens_min_mean_max": [min(masks.ctx_lens), float(np.mean(masks.ctx_lens)), max(masks.ctx_lens)],
         "pred_lens_min_mean_max": [min(masks.pred_lens), float(np.mean(masks.pred_lens)), max(masks.pred_lens)],

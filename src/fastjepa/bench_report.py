@@ -24,7 +24,7 @@ FIGURES = (("images_per_s", "images/s"), ("tflops", "TFLOP/s"), ("gbps", "GB/s")
            ("ms_per_update", "ms"), ("ms", "ms"))
 FRACTIONS = ("fraction_of_peak", "mfu", "fraction_of_copy", "fraction_of_copy_bandwidth")
 PROVIDER_KEYS = ("provider", "backend", "method")
-OURS = ("triton", "fastjepa", "fused")
+OURS = ("triton", "fastjepa", "fused", "packed")  # fastjepa's own rows, compared with the fastest other
 
 
 @dataclass
