@@ -25,6 +25,7 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="a JSON config file, or a packaged preset by name (" + ", ".join(presets()) + ")")
     parser.add_argument("--output-dir", default="runs/default", help="checkpoints, metrics.jsonl, config.json")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    parser.add_argument("--overwrite", action="store_true", help="delete a run already in --output-dir and start again")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=5e-4 train.max_steps=100")
     return parser
@@ -40,7 +41,8 @@ def train_main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        trainer = Trainer(cfg, args.output_dir, resume=args.resume, local_rank=args.local_rank)
+        trainer = Trainer(cfg, args.output_dir, resume=args.resume, local_rank=args.local_rank,
+                          overwrite=args.overwrite)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"fastjepa: error: {err}", file=sys.stderr)
         return 2

@@ -5,7 +5,11 @@
 - the step (``step.py``: forward, loss, backward, update, EMA);
 - the data (``fastjepa.data``: a ``BatchStream``, the torch DataLoader or DALI);
 - the checkpoints (``checkpoint.py``: one ``TrainState`` schema, save / resume / prune / target export);
+- the run folder (``run_dir.py``: lock, fresh-run check, clean-up) and the resume check (``resume_config.py``);
 - the metrics (``metrics.py``: the logging window and the logger) and stop requests (``signals.py``).
+
+Exit codes: 0 done (or stopped by a signal, with a checkpoint), 2 bad input (the command line's), 3 too many
+non-finite steps in a row, 4 unreadable data, 5 a write failed (disk full, read-only), 130 a second Ctrl-C.
 """
 from __future__ import annotations
 
@@ -18,27 +22,32 @@ import torch
 
 from ..config import Config
 from ..data import DataError, build_batch_stream, restore_stream
+from ..io.files import SaveError, free_space
 from ..io.train_state import TrainState
 from ..models import build_models, compile_blocks
 from ..optim import build_optimizer
 from .backend import make_backend
 from .checkpoint import Checkpoints
 from .metrics import MetricsLogger, MetricsWindow
+from .resume_config import check_resume_config
+from .run_dir import RunDir
 from .signals import StopRequests
 from .step import TrainStep
 
-EXIT_OK, EXIT_NONFINITE, EXIT_DATA = 0, 3, 4
+EXIT_OK, EXIT_NONFINITE, EXIT_DATA, EXIT_SAVE, EXIT_INTERRUPTED = 0, 3, 4, 5, 130
 
 
 class Trainer:
-    """``Trainer(cfg, output_dir, resume=False).train()`` -> exit code. ``step``: optimizer steps done."""
+    """``Trainer(cfg, output_dir, resume=False).train()`` -> exit code. ``step``: optimizer steps done.
+    ``overwrite``: delete a run already in ``output_dir`` (else a fresh run there is an error)."""
 
-    def __init__(self, cfg: Config, output_dir: str | Path, resume: bool = False, local_rank: int | None = None):
+    def __init__(self, cfg: Config, output_dir: str | Path, resume: bool = False, local_rank: int | None = None,
+                 overwrite: bool = False):
         self.cfg, self.output_dir = cfg, Path(output_dir)
         self.backend = make_backend(cfg, local_rank)
         self.device, self.rank, self.world_size = self.backend.device, self.backend.rank, self.backend.world_size
         self.is_main = self.backend.is_main
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = RunDir.open(self.output_dir, self.backend, resume, overwrite, say=self.say)  # held till the end
         torch.manual_seed(cfg.train.seed)  # every rank starts from the same weights
         with torch.device(self.device):  # initialise on the device: a ViT-H takes seconds on a CPU
             self.model, self.target = build_models(cfg)
@@ -51,7 +60,7 @@ class Trainer:
         self.say(f"fastjepa: data loader: {loader_line}")
         self.step = 0  # optimizer steps done
         self.skipped_images = 0  # this rank's count (rank 0 also carries the resumed total)
-        self.stop = StopRequests()
+        self.stop = StopRequests(watch=self.backend.orphan_watch())
         if resume:
             self.resume()
 
@@ -92,12 +101,18 @@ class Trainer:
         self.checkpoints.save(self.state(), final)
 
     def resume(self) -> None:
-        found = self.checkpoints.resume()
+        def accept(state: TrainState, where: str) -> None:  # before any weights load
+            for line in check_resume_config(state.config, self.cfg.to_dict(), state.step, where):
+                self.say(f"fastjepa: warning: {line}")
+
+        found = self.checkpoints.resume(accept)
         if found is None:
             self.say(f"fastjepa: --resume found no checkpoint in {self.output_dir / 'checkpoints'}; starting from step 0")
+        state, where = found or (None, None)
+        self.step = state.step if state else 0
+        self.run_dir.truncate_metrics(self.step, say=self.say)  # steps logged after the checkpoint come again
+        if state is None:
             return
-        state, where = found
-        self.step = state.step
         # the saved count is the sum over ranks: rank 0 carries it on, so sums stay right on any world size
         self.skipped_images = state.skipped_images if self.is_main else 0
         self.step_fn.skipped_steps.copy_(torch.as_tensor(state.skipped_steps))
@@ -113,20 +128,21 @@ class Trainer:
     def train(self) -> int:
         """Run to ``train.max_steps``; returns the process exit code."""
         t = self.cfg.train
-        if self.is_main:
-            (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
         accum = t.grad_accum_steps
-        batches = self.data.iterate(self.step * accum, t.max_steps * accum)
-        logger = MetricsLogger(self.output_dir, t.max_steps, self.step, enabled=self.is_main,
-                               progress=t.progress, tensorboard=t.tensorboard)
-        window = MetricsWindow(self.model, self.device)
+        logger = window = None
         # the host reads device state only every check_every steps; ranks agree on stopping as often (one rank
         # has nobody to agree with: it stops at the first step boundary after a signal)
         check_every = min(t.log_every, max(1, t.max_nonfinite_steps))
         agree_every = check_every if self.world_size > 1 else 1
-        exit_code = EXIT_OK
+        exit_code, logged = EXIT_OK, self.step
         try:
-            with self.stop:
+            with self.stop:  # before the loader starts its workers (they ignore the signals the trainer handles)
+                if self.is_main:
+                    (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+                batches = self.data.iterate(self.step * accum, t.max_steps * accum)
+                logger = MetricsLogger(self.output_dir, t.max_steps, self.step, enabled=self.is_main,
+                                       progress=t.progress, tensorboard=t.tensorboard)
+                window = MetricsWindow(self.model, self.device)
                 while self.step < t.max_steps:
                     waited = time.perf_counter()
                     micro = [next(batches) for _ in range(accum)]
@@ -136,9 +152,10 @@ class Trainer:
                     self.skipped_images += sum(b.skipped for b in micro)
                     window.add(out, micro, wait)
                     logger.advance()
-                    if log_now:
-                        logger.log(window.record(self.step, micro[-1].epoch, out, self.backend, self.skipped_images,
-                                                 self.step_fn.skipped_steps))
+                    if log_now:  # window_steps: the steps averaged (fewer in the first window after a resume)
+                        logger.log({**window.record(self.step, micro[-1].epoch, out, self.backend, self.skipped_images,
+                                                    self.step_fn.skipped_steps), "window_steps": self.step - logged})
+                        logged = self.step
                     if self.step % check_every == 0 and int(self.step_fn.nonfinite_run) >= t.max_nonfinite_steps:
                         self.save(final=True)
                         logger.message(f"fastjepa: stopping: {int(self.step_fn.nonfinite_run)} non-finite steps in "
@@ -146,13 +163,15 @@ class Trainer:
                                        f"step {self.step}")
                         exit_code = EXIT_NONFINITE
                         break
-                    if self.step % agree_every == 0 and self.backend.any_rank(self.stop.signal is not None):
+                    stop, save_now = self.stop.poll(self.backend) if self.step % agree_every == 0 else (None, False)
+                    if stop:
                         self.save(final=True)
-                        logger.message(f"fastjepa: signal {self.stop.signal or 'on another rank'}: checkpoint saved "
-                                       f"at step {self.step}")
+                        logger.message(f"fastjepa: {stop}: checkpoint saved at step {self.step}; exiting")
                         break
-                    if self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
+                    if save_now or (self.step % t.checkpoint_every == 0 and self.step < t.max_steps):
                         self.save()
+                        if save_now:
+                            logger.message(f"fastjepa: save requested (SIGUSR1): checkpoint saved at step {self.step}")
                 else:
                     self.save(final=True)
         except DataError as err:  # raised in a loader worker; its last line names the files
@@ -161,10 +180,26 @@ class Trainer:
                 self.save(final=True)
             print(f"fastjepa: error: {detail} (stopped at step {self.step})", file=sys.stderr, flush=True)
             exit_code = EXIT_DATA
+        except OSError as err:  # a checkpoint, metrics.jsonl, config.json: disk full, read-only, gone
+            if not isinstance(err, SaveError):
+                err = f"could not write '{err.filename or self.output_dir}': {err.strerror} ({free_space(self.output_dir)})"
+            print(f"fastjepa: error: {err}; stopped at step {self.step}, the checkpoints before it are kept",
+                  file=sys.stderr, flush=True)
+            exit_code = EXIT_SAVE
+        except KeyboardInterrupt:  # a second Ctrl-C (signals.py)
+            print(f"fastjepa: interrupted again: stopped at once at step {self.step} without a checkpoint (the newest "
+                  f"is step {self.checkpoints.saved_step or 0})", file=sys.stderr, flush=True)
+            exit_code = EXIT_INTERRUPTED
         finally:
-            logger.close()
+            if logger is not None:
+                logger.close()
             self.data.close()
+            self.run_dir.release()
         return exit_code
 
+    def close(self) -> None:
+        """Release the run folder without training (``train()`` releases it itself)."""
+        self.run_dir.release()
 
-__all__ = ["EXIT_DATA", "EXIT_NONFINITE", "EXIT_OK", "Trainer"]
+
+__all__ = ["EXIT_DATA", "EXIT_INTERRUPTED", "EXIT_NONFINITE", "EXIT_OK", "EXIT_SAVE", "Trainer"]
