@@ -23,6 +23,8 @@ from pathlib import Path
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})(\.pt)?$")  # a file step_XXXXXXXX.pt, or a DeepSpeed tag folder
 TMP_SUFFIX = ".tmp"  # atomic_write's temporary files: f".{name}.{random}.tmp" beside the final name
 TMP_RE = re.compile(r"^\..+\.tmp$")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 TARGET_FILE = "target_encoder.safetensors"  # a run's exported target encoder, beside checkpoints/
 
 
@@ -155,6 +157,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # what open() would give (mkstemp's 0600 hides runs from the team)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

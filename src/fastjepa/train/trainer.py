@@ -8,8 +8,7 @@
 - the run folder (``run_dir.py``: lock, fresh-run check, clean-up) and the resume check (``resume_config.py``);
 - the metrics (``metrics.py``: the logging window and the logger) and stop requests (``signals.py``).
 
-Exit codes: 0 done (or stopped by a signal, with a checkpoint), 2 bad input (the command line's), 3 too many
-non-finite steps in a row, 4 unreadable data, 5 a write failed (disk full, read-only), 130 a second Ctrl-C.
+The exit codes are in ``exits.py``.
 """
 from __future__ import annotations
 
@@ -22,19 +21,17 @@ import torch
 
 from ..config import Config
 from ..data import DataError, build_batch_stream, restore_stream
-from ..io.files import SaveError, free_space
 from ..io.train_state import TrainState
 from ..models import build_models, compile_blocks
 from ..optim import build_optimizer
 from .backend import make_backend
 from .checkpoint import Checkpoints
+from .exits import EXIT_DATA, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_OK, EXIT_SAVE, stop_line
 from .metrics import MetricsLogger, MetricsWindow
 from .resume_config import check_resume_config
 from .run_dir import RunDir
 from .signals import StopRequests
 from .step import TrainStep
-
-EXIT_OK, EXIT_NONFINITE, EXIT_DATA, EXIT_SAVE, EXIT_INTERRUPTED = 0, 3, 4, 5, 130
 
 
 class Trainer:
@@ -48,6 +45,13 @@ class Trainer:
         self.device, self.rank, self.world_size = self.backend.device, self.backend.rank, self.backend.world_size
         self.is_main = self.backend.is_main
         self.run_dir = RunDir.open(self.output_dir, self.backend, resume, overwrite, say=self.say)  # held till the end
+        try:
+            self._build(cfg, resume)
+        except BaseException:
+            self.run_dir.release()
+            raise
+
+    def _build(self, cfg: Config, resume: bool) -> None:
         torch.manual_seed(cfg.train.seed)  # every rank starts from the same weights
         with torch.device(self.device):  # initialise on the device: a ViT-H takes seconds on a CPU
             self.model, self.target = build_models(cfg)
@@ -127,75 +131,63 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------
     def train(self) -> int:
         """Run to ``train.max_steps``; returns the process exit code."""
-        t = self.cfg.train
-        accum = t.grad_accum_steps
-        logger = window = None
+        try:
+            with self.stop:  # before the loader starts its workers (they ignore the signals the trainer handles)
+                return self._loop()
+        except (DataError, OSError, KeyboardInterrupt) as err:  # bad data, a failed write, a second Ctrl-C
+            if isinstance(err, DataError) and self.world_size == 1 and self.step > 0:
+                self.save(final=True)  # with several ranks a one-rank save would hang
+            line, code = stop_line(err, self.step, self.checkpoints.saved_step, self.output_dir)
+            print(line, file=sys.stderr, flush=True)
+            return code
+        finally:
+            self.data.close()
+            self.run_dir.release()
+
+    def _loop(self) -> int:
+        t, accum = self.cfg.train, self.cfg.train.grad_accum_steps
+        if self.is_main:
+            (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        batches = self.data.iterate(self.step * accum, t.max_steps * accum)
+        logger = MetricsLogger(self.output_dir, t.max_steps, self.step, enabled=self.is_main, progress=t.progress,
+                               tensorboard=t.tensorboard)
+        window, logged = MetricsWindow(self.model, self.device), self.step
         # the host reads device state only every check_every steps; ranks agree on stopping as often (one rank
         # has nobody to agree with: it stops at the first step boundary after a signal)
         check_every = min(t.log_every, max(1, t.max_nonfinite_steps))
         agree_every = check_every if self.world_size > 1 else 1
-        exit_code, logged = EXIT_OK, self.step
         try:
-            with self.stop:  # before the loader starts its workers (they ignore the signals the trainer handles)
-                if self.is_main:
-                    (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-                batches = self.data.iterate(self.step * accum, t.max_steps * accum)
-                logger = MetricsLogger(self.output_dir, t.max_steps, self.step, enabled=self.is_main,
-                                       progress=t.progress, tensorboard=t.tensorboard)
-                window = MetricsWindow(self.model, self.device)
-                while self.step < t.max_steps:
-                    waited = time.perf_counter()
-                    micro = [next(batches) for _ in range(accum)]
-                    wait = time.perf_counter() - waited
-                    log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
-                    out = self.train_step(micro, want_stats=log_now)
-                    self.skipped_images += sum(b.skipped for b in micro)
-                    window.add(out, micro, wait)
-                    logger.advance()
-                    if log_now:  # window_steps: the steps averaged (fewer in the first window after a resume)
-                        logger.log({**window.record(self.step, micro[-1].epoch, out, self.backend, self.skipped_images,
-                                                    self.step_fn.skipped_steps), "window_steps": self.step - logged})
-                        logged = self.step
-                    if self.step % check_every == 0 and int(self.step_fn.nonfinite_run) >= t.max_nonfinite_steps:
-                        self.save(final=True)
-                        logger.message(f"fastjepa: stopping: {int(self.step_fn.nonfinite_run)} non-finite steps in "
-                                       f"a row (train.max_nonfinite_steps={t.max_nonfinite_steps}); checkpoint at "
-                                       f"step {self.step}")
-                        exit_code = EXIT_NONFINITE
-                        break
-                    stop, save_now = self.stop.poll(self.backend) if self.step % agree_every == 0 else (None, False)
-                    if stop:
-                        self.save(final=True)
-                        logger.message(f"fastjepa: {stop}: checkpoint saved at step {self.step}; exiting")
-                        break
-                    if save_now or (self.step % t.checkpoint_every == 0 and self.step < t.max_steps):
-                        self.save()
-                        if save_now:
-                            logger.message(f"fastjepa: save requested (SIGUSR1): checkpoint saved at step {self.step}")
-                else:
+            while self.step < t.max_steps:
+                waited = time.perf_counter()
+                micro = [next(batches) for _ in range(accum)]
+                wait = time.perf_counter() - waited
+                log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
+                out = self.train_step(micro, want_stats=log_now)
+                self.skipped_images += sum(b.skipped for b in micro)
+                window.add(out, micro, wait)
+                logger.advance()
+                if log_now:  # window_steps: the steps averaged (fewer in the first window after a resume)
+                    logger.log({**window.record(self.step, micro[-1].epoch, out, self.backend, self.skipped_images,
+                                                self.step_fn.skipped_steps), "window_steps": self.step - logged})
+                    logged = self.step
+                if self.step % check_every == 0 and int(self.step_fn.nonfinite_run) >= t.max_nonfinite_steps:
                     self.save(final=True)
-        except DataError as err:  # raised in a loader worker; its last line names the files
-            detail = str(err).strip().splitlines()[-1]
-            if self.world_size == 1 and self.step > 0:  # with several ranks a one-rank save would hang
-                self.save(final=True)
-            print(f"fastjepa: error: {detail} (stopped at step {self.step})", file=sys.stderr, flush=True)
-            exit_code = EXIT_DATA
-        except OSError as err:  # a checkpoint, metrics.jsonl, config.json: disk full, read-only, gone
-            if not isinstance(err, SaveError):
-                err = f"could not write '{err.filename or self.output_dir}': {err.strerror} ({free_space(self.output_dir)})"
-            print(f"fastjepa: error: {err}; stopped at step {self.step}, the checkpoints before it are kept",
-                  file=sys.stderr, flush=True)
-            exit_code = EXIT_SAVE
-        except KeyboardInterrupt:  # a second Ctrl-C (signals.py)
-            print(f"fastjepa: interrupted again: stopped at once at step {self.step} without a checkpoint (the newest "
-                  f"is step {self.checkpoints.saved_step or 0})", file=sys.stderr, flush=True)
-            exit_code = EXIT_INTERRUPTED
+                    logger.message(f"fastjepa: stopping: {int(self.step_fn.nonfinite_run)} non-finite steps in a row "
+                                   f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); checkpoint at step {self.step}")
+                    return EXIT_NONFINITE
+                stop, save_now = self.stop.poll(self.backend) if self.step % agree_every == 0 else (None, False)
+                if stop:
+                    self.save(final=True)
+                    logger.message(f"fastjepa: {stop}: checkpoint saved at step {self.step}; exiting")
+                    return EXIT_OK
+                if save_now or (self.step % t.checkpoint_every == 0 and self.step < t.max_steps):
+                    self.save()
+                    if save_now:
+                        logger.message(f"fastjepa: save requested (SIGUSR1): checkpoint saved at step {self.step}")
+            self.save(final=True)
+            return EXIT_OK
         finally:
-            if logger is not None:
-                logger.close()
-            self.data.close()
-            self.run_dir.release()
-        return exit_code
+            logger.close()
 
     def close(self) -> None:
         """Release the run folder without training (``train()`` releases it itself)."""
