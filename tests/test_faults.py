@@ -446,6 +446,31 @@ def test_a_read_only_output_folder_stops_before_anything_loads(tmp_path, tiny, c
             os.chmod(run, 0o755)
 
 
+def test_an_interrupt_inside_the_writer_is_an_interrupt_not_a_failed_save(tmp_path):
+    """torch's writer turns an exception raised in its Python write callback (a second Ctrl-C, the
+    DataLoader's dead-worker signal) into ``RuntimeError: unexpected pos``: it must surface as what it was."""
+    from fastjepa.io.files import SaveError, atomic_write
+
+    def interrupted(tmp):
+        Path(tmp).write_bytes(b"half")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    def full(tmp):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "a.pt", interrupted)
+    with pytest.raises(SaveError, match="no space left on device"):
+        atomic_write(tmp_path / "a.pt", full)
+    assert list(tmp_path.iterdir()) == []  # no temporary file, no half checkpoint
+
+
 # ---- the run folder --------------------------------------------------------------------------------------
 
 def test_output_paths_that_are_files(tmp_path, tiny, capsys):

@@ -130,6 +130,13 @@ def _is_write_failure(err: BaseException) -> bool:
     return isinstance(err, (OSError, RuntimeError)) or "Safetensor" in type(err).__name__
 
 
+def _innermost(err: BaseException) -> BaseException:
+    """The first exception of ``err``'s chain: what a Python callback raised inside torch's C++ writer."""
+    while err.__context__ is not None:
+        err = err.__context__
+    return err
+
+
 def move_aside(path: str | Path, folder: str | Path) -> Path:
     """Move a file or folder into ``folder`` (created), keeping its name unless one is taken there."""
     path, folder = Path(path), Path(folder)
@@ -166,7 +173,10 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     except BaseException as err:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if _is_write_failure(err):
+        cause = _innermost(err)
+        if isinstance(cause, KeyboardInterrupt):  # a second Ctrl-C inside torch's writer: torch re-raises it
+            raise cause from None  # as "unexpected pos"; it is an interrupt, not a failed write
+        if _is_write_failure(err) and (cause is err or isinstance(cause, OSError)):
             raise save_error(path, err) from err
         raise
     return path
