@@ -41,7 +41,7 @@ latest_checkpoint, list_checkpoints, checkpoint_path = newest_checkpoint_file, c
 # The child saves checkpoint 1 normally, then makes the writer slow (half the bytes, then a long sleep)
 # and starts checkpoint 2 (or a new safetensors export); the parent kills it with SIGKILL mid-write.
 CHILD = textwrap.dedent("""
-    import io, sys, time
+    import contextlib, io, sys, time
     import torch
     import safetensors.torch
     from fastjepa.io import files
@@ -54,8 +54,8 @@ CHILD = textwrap.dedent("""
     files.torch_save(files.checkpoint_file(folder, 1), state(1))
     files.export_safetensors(folder + "/target.safetensors", {"w": torch.full((256, 256), 1.0)})
 
-    def half_then_hang(data: bytes, path):
-        with open(path, "wb") as f:
+    def half_then_hang(data: bytes, path):  # path: a file name, or the open file torch_save writes through
+        with (open(path, "wb") if isinstance(path, str) else contextlib.nullcontext(path)) as f:
             f.write(data[: len(data) // 2])
             f.flush()
         print("HALF", flush=True)

@@ -184,22 +184,7 @@ def _train_error(argv, capsys) -> str:
     return lines[0]
 
 
-def test_output_dir_that_is_a_file_or_under_a_file(tmp_path, tiny, capsys):
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
-    assert _train_error(["--output-dir", str(a_file), *tiny], capsys) == f"fastjepa: error: '{a_file}' is a file, not a folder"
-    under = a_file / "run" / "deeper"
-    line = _train_error(["--output-dir", str(under), *tiny], capsys)
-    assert line == f"fastjepa: error: '{under}': '{a_file}' is a file, not a folder"
-
-
-def test_read_only_output_dir(tmp_path, tiny, capsys, monkeypatch):
-    def read_only(*args, dir=None, **kwargs):  # what creating a file on a read-only mount raises
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(dir, "tmpabc"))
-
-    monkeypatch.setattr(cli.tempfile, "TemporaryFile", read_only)
-    line = _train_error(["--output-dir", str(tmp_path / "ro"), *tiny], capsys)
-    assert line == f"fastjepa: error: '{tmp_path / 'ro' / 'tmpabc'}' is on a read-only file system"
+# the output folder's own problems (a file, under a file, read-only, full): tests/test_faults.py
 
 
 class _FailingTrainer:

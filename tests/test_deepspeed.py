@@ -11,8 +11,11 @@ then check:
   gradients, AdamW, a ``torch._foreach_lerp_`` EMA in fp32): losses, final weights and target encoder;
 - the EMA issues no collective on any rank (while the step around it issues many);
 - no run leaves DeepSpeed's CPU all-reduce buffers behind in /dev/shm;
-- stage 2 and 3: DeepSpeed checkpoints keep only ``keep_checkpoints`` tags, and ``--resume`` from the
-  step-8 tag reproduces steps 9-10 and the final weights of the uninterrupted run;
+- stage 2 and 3: DeepSpeed checkpoints keep only ``keep_checkpoints`` tags; with one file of the newest
+  tag (step 10) truncated, a file that only rank 1 checks, both ranks agree to fall back to the step-8 tag,
+  which ``--resume`` continues exactly (steps 9-10 and the final weights of the uninterrupted run);
+- SIGTERM to the ``deepspeed`` runner (which dies without passing it on) or to DeepSpeed's ``launch.py``:
+  every rank checkpoints at the same step and exits 0;
 - stage 3: the exported target encoder (assembled from the per-rank shard files) equals the gathered
   target; a universal checkpoint resumes on 1 rank with the same weights; a rank killed mid-step leaves
   the last checkpoint loadable;
@@ -25,11 +28,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -335,10 +341,17 @@ def test_checkpoints_are_pruned_and_resume_is_exact(ds_run, helpers):
         assert sorted(p.name for p in (folder / "step_00000008").glob("fastjepa_target_*")) == [
             "fastjepa_target_rank00000_of_00002.safetensors", "fastjepa_target_rank00001_of_00002.safetensors"]
 
-    resumed = rewound_copy(ds_run.output, ds_run.work / "resumed", 8, STEPS)
+    resumed = ds_run.work / "resumed"  # the whole run, with the newest tag damaged where only rank 1 looks
+    shutil.copytree(ds_run.output, resumed, ignore=shutil.ignore_patterns("rank*_*"))
+    newest = resumed / "checkpoints" / "deepspeed" / "step_00000010"
+    files = sorted(p for p in newest.iterdir() if p.suffix in (".pt", ".safetensors"))
+    damaged = files[1]  # the ranks check the files of a tag between them: file i on rank i % 2
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
 
     log = launch(helpers, ds_run.work, ds_run.config, resumed, "--resume")
     assert "at step 8" in log
+    assert f"rank 1: '{damaged}' is " in log and "moved it to" in log, log[-3000:]  # truncated / not whole
+    assert (resumed / "checkpoints" / "corrupt" / "step_00000010").is_dir()
     full, again = helpers.read_metrics(ds_run.output), helpers.read_metrics(resumed)
     assert [r["step"] for r in again] == list(range(1, STEPS + 1))
     for a, b in zip(full[8:], again[8:]):
@@ -508,6 +521,64 @@ def test_sigterm_on_one_rank_stops_all_ranks_at_one_step(tmp_path, helpers):
     assert helpers.read_metrics(output)[-1]["step"] == stopped
     w0, w1 = rank_weights(output)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # both ranks stopped after the same step
+
+
+# Prepended to WRAPPER: each rank writes the code Trainer.train returned to rank{r}_exit.txt
+RECORD_EXIT = textwrap.dedent("""
+    import os
+    import fastjepa.train.trainer as T
+
+    def train_and_record(self, _train=T.Trainer.train):
+        code = _train(self)
+        with open(os.path.join(str(self.output_dir), f"rank{self.rank}_exit.txt"), "w") as f:
+            f.write(str(code))
+        return code
+    T.Trainer.train = train_and_record
+""")
+
+
+@pytest.mark.parametrize("target", ["runner", "launch.py"])
+def test_sigterm_to_a_launcher_checkpoints_every_rank(tmp_path, helpers, target):
+    """SIGTERM to the ``deepspeed`` runner (DeepSpeed 0.19.8's runner installs no handler on one node: it dies
+    and leaves launch.py and the ranks running) or to launch.py (it sends SIGTERM to each rank's process
+    tree, workers included, and SIGKILLs what is left 30 s later): every rank stops at one step with a
+    checkpoint and returns 0; no rank trains on."""
+    import psutil
+
+    config = tiny_json(helpers, tmp_path, stage=1, accum=1)
+    output = tmp_path / "run"
+    script = tmp_path / "exit_wrapper.py"
+    script.write_text(RECORD_EXIT + WRAPPER)
+    cmd = launcher() + ["--num_accelerators", str(WORLD), "--master_port", str(free_port()), str(script),
+                        "--config", str(config), "--output-dir", str(output), "train.max_steps=100000",
+                        "train.checkpoint_every=100000", "train.log_every=1", "data.num_workers=1"]
+    env = helpers.subprocess_env(DS_ACCELERATOR="cpu", FASTJEPA_TRAIN_SCRIPT=helpers.TRAIN_SCRIPT)
+    proc = subprocess.Popen(cmd, env=env, cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((output / "metrics.jsonl").exists() and (output / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-4000:]
+            time.sleep(0.2)
+        runner = psutil.Process(proc.pid)
+        launch_py = next(p for p in runner.children() if "deepspeed.launcher.launch" in " ".join(p.cmdline()))
+        ranks = [p for p in launch_py.children() if "--local_rank" in " ".join(p.cmdline())]
+        assert len(ranks) == WORLD
+        (runner if target == "runner" else launch_py).send_signal(signal.SIGTERM)
+        gone, alive = psutil.wait_procs(ranks, timeout=180)
+        assert not alive, "a rank trained on after its launcher was signalled"
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert [(output / f"rank{r}_exit.txt").read_text() for r in range(WORLD)] == ["0", "0"], log[-4000:]
+    assert ("the deepspeed runner" if target == "runner" else "signal 15 (SIGTERM)") in log, log[-4000:]
+    stopped = int((output / "checkpoints" / "deepspeed" / "latest").read_text().strip().split("_")[1])
+    assert stopped >= 1 and helpers.read_metrics(output)[-1]["step"] == stopped
+    w0, w1 = rank_weights(output)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # both ranks stopped after the same step
+    assert "Traceback" not in log and "DataLoader worker" not in log, log[-4000:]
 
 
 # Prepended to WRAPPER: every DALI batch's labels, per rank, appended to OUT/rank{r}_labels.jsonl

@@ -19,7 +19,6 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from .config import SECTIONS, ConfigError, help_text, markdown_table, presets
@@ -112,19 +111,12 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     parser.add_argument("--help-config-markdown", action="store_true", help=argparse.SUPPRESS)  # the README table
+    parser.add_argument("--overwrite", action="store_true", help="delete a run already in --output-dir and start again")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="section.key=VALUE", help="config overrides, e.g. optim.lr=5e-4")
     for section in SECTIONS:
         parser.add_argument_group(f"config keys: {section}", help_text(section))
     return parser
-
-
-def prepare_output_dir(path: Path) -> None:
-    """Create the output folder and check that a file can be written in it, so that a path that is a
-    file, lies under a file, or is read-only fails now, in one line, not at the first checkpoint."""
-    path.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path):
-        pass
 
 
 def _train(argv) -> int:
@@ -141,12 +133,12 @@ def _train(argv) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    output_dir = Path(args.output_dir)
-    prepare_output_dir(output_dir)
+    output_dir = Path(args.output_dir)  # a file there, a path under a file, a read-only disk: train.run_dir
     from .train import Trainer
 
     try:
-        trainer = Trainer(cfg, output_dir, resume=args.resume, local_rank=args.local_rank)
+        trainer = Trainer(cfg, output_dir, resume=args.resume, local_rank=args.local_rank,
+                          overwrite=args.overwrite)
     except (FileNotFoundError, ValueError) as err:
         # the data and mask checks at start-up raise these with a message naming the key or folder
         if isinstance(err, OSError) and err.errno in PATH_PROBLEMS:

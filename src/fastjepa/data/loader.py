@@ -6,6 +6,7 @@ rank's share of that global batch. Everything random (the permutation, crops, ma
 """
 from __future__ import annotations
 
+import signal
 import warnings
 
 import numpy as np
@@ -83,6 +84,10 @@ class JEPABatches(Dataset):
 
 def _worker_init(_):
     torch.set_num_threads(1)
+    # a signal to the process group (Slurm, Kubernetes, `timeout`, Ctrl-C, DeepSpeed's launch.py) reaches the
+    # workers too: they leave it to the trainer, which checkpoints and then shuts them down
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def build_batches(cfg, grid, rank: int = 0, world_size: int = 1) -> JEPABatches:

@@ -61,6 +61,10 @@ class ExecutionBackend(Protocol):
 
     def barrier(self) -> None: ...
 
+    def orphan_watch(self) -> list[tuple[int, int, str]]:
+        """``(pid, parent pid, parent's name)`` of the processes whose parent must outlive them: the run
+        stops (with a checkpoint) when one is orphaned, e.g. when a launcher is killed."""
+
     def checkpoint_store(self, folder: Path, keep: int) -> CheckpointStore:
         """Where and how this backend writes and reads checkpoints."""
 
@@ -135,6 +139,9 @@ class SingleProcess:
 
     def barrier(self) -> None:
         pass
+
+    def orphan_watch(self) -> list[tuple[int, int, str]]:
+        return []  # one process: whoever started it may go (nohup, a finished shell)
 
     def checkpoint_store(self, folder: Path, keep: int) -> CheckpointStore:
         return FileStore(folder, keep, self)

@@ -6,23 +6,50 @@ A backend writes through its :class:`CheckpointStore`: :class:`FileStore` here (
 folders, every rank writing its partitions, plus the ZeRO-3 target shards). A store fills in the weights
 itself (the model, optimizer and target it was given) and loads them back itself, so :class:`Checkpoints`
 handles only what every backend shares.
+
+Resuming takes the newest checkpoint that loads: one that does not (truncated, empty, damaged, not a
+checkpoint, missing keys) is named in one line with its reason, moved to ``checkpoints/corrupt/``, and the
+one before it is tried. Before any weights are loaded, ``accept(state)`` sees the checkpoint's state (the
+trainer compares its config with the current one there).
 """
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from ..io.files import TARGET_FILE, checkpoint_file, export_safetensors, newest_checkpoint_file, prune_checkpoint_files
+from ..io.files import (
+    TARGET_FILE,
+    CheckpointError,
+    checkpoint_file,
+    checkpoint_files,
+    export_safetensors,
+    move_aside,
+    prune_checkpoint_files,
+    verify_checkpoint_file,
+)
 from ..io.train_state import TrainState
+
+CORRUPT_DIR = "corrupt"  # checkpoints/corrupt/: checkpoints that did not load, kept for a post-mortem
+Accept = Callable[[TrainState, str], None]  # (state, where): raises to refuse a checkpoint before it loads
+
+
+def set_aside(path: Path, corrupt_dir: Path, err: Exception) -> Path:
+    """Move a checkpoint that does not load into ``corrupt_dir``, saying so in one line."""
+    dest = move_aside(path, corrupt_dir)
+    print(f"fastjepa: {err}; moved it to {dest} and trying the checkpoint before it", file=sys.stderr, flush=True)
+    return dest
 
 
 class CheckpointStore(Protocol):
     def save(self, state: TrainState) -> None:
         """Write ``state`` (counters, RNG, data, config) with the weights; collective under DeepSpeed."""
 
-    def load_latest(self) -> tuple[TrainState, str] | None:
-        """Load the newest checkpoint's weights into the models and optimizer; ``(state, where)`` or None."""
+    def load_latest(self, accept: Accept) -> tuple[TrainState, str] | None:
+        """Load the newest checkpoint that loads into the models and optimizer: ``(state, where)``, None
+        when there is none, a :class:`CheckpointError` when there were some but none loads."""
 
     def export_target(self, state: TrainState, final: bool) -> dict | None:
         """The whole target encoder's state dict to export on the main rank now, or None (not now / not here)."""
@@ -41,16 +68,29 @@ class FileStore:
         state.save(checkpoint_file(self.folder, state.step))
         prune_checkpoint_files(self.folder, self.keep)
 
-    def load_latest(self):
-        path = newest_checkpoint_file(self.folder)
-        if path is None:
-            return None
-        b = self.backend
-        state = TrainState.load(path, map_location=b.device, need=("model", "optimizer", "target"))
-        b.model.load_state_dict(state.model)
-        b.optimizer.load_state_dict(state.optimizer)
-        b.target.load_state_dict(state.target)
-        return state, str(path)
+    def load_latest(self, accept: Accept):
+        b, found = self.backend, checkpoint_files(self.folder)
+        for path in reversed(found):
+            try:
+                verify_checkpoint_file(path)  # torch.load checks no CRC: a flipped byte would load
+                state = TrainState.load(path, map_location=b.device, need=("model", "optimizer", "target"))
+            except CheckpointError as err:
+                set_aside(path, self.folder / CORRUPT_DIR, err)
+                continue
+            accept(state, f"'{path}'")
+            try:
+                b.model.load_state_dict(state.model)
+                b.optimizer.load_state_dict(state.optimizer)
+                b.target.load_state_dict(state.target)
+            except (RuntimeError, ValueError, KeyError) as err:  # same config, other weights: not corruption
+                first = str(err).strip().splitlines()
+                raise CheckpointError(f"'{path}' does not fit the model its own config builds: "
+                                      f"{' '.join(first[:2])[:300]}") from None
+            return state, str(path)
+        if found:
+            raise CheckpointError(f"none of the {len(found)} checkpoints in '{self.folder}' loads (all moved to "
+                                  f"{self.folder / CORRUPT_DIR}): start again with --overwrite, or restore one")
+        return None
 
     def export_target(self, state: TrainState, final: bool):
         return self.backend.target.state_dict()
@@ -75,12 +115,12 @@ class Checkpoints:
             export_safetensors(self.output_dir / TARGET_FILE, target,
                                metadata={"step": str(state.step), "config": json.dumps(state.config)})
 
-    def resume(self) -> tuple[TrainState, str] | None:
-        """Load the newest checkpoint into the models and optimizer: ``(state, where)``, or None if none."""
-        found = self.store.load_latest()
+    def resume(self, accept: Accept = lambda state, where: None) -> tuple[TrainState, str] | None:
+        """Load the newest checkpoint that loads into the models and optimizer: ``(state, where)``, or None."""
+        found = self.store.load_latest(accept)
         if found is not None:
             self.saved_step = found[0].step
         return found
 
 
-__all__ = ["TARGET_FILE", "CheckpointStore", "Checkpoints", "FileStore"]
+__all__ = ["CORRUPT_DIR", "TARGET_FILE", "CheckpointStore", "Checkpoints", "FileStore", "set_aside"]

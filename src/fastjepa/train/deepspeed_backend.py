@@ -10,6 +10,9 @@
   step DeepSpeed skips itself (ZeRO-1/2 overflow checks) counts as skipped too.
 - On the CPU (gloo), DeepSpeed's shared-memory all-reduce buffers are unlinked after start-up
   (:func:`release_shm_buffer_name`).
+- Each rank watches its launcher (DeepSpeed's ``launch.py``, and the ``deepspeed`` runner above it): when one
+  is gone the run stops with a checkpoint (``orphan_watch``; DeepSpeed's runner dies on SIGTERM without
+  passing it on, and a killed ``launch.py`` leaves its ranks running).
 """
 from __future__ import annotations
 
@@ -25,11 +28,24 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
-from ..io.files import checkpoint_tag
+from ..io.files import (
+    CheckpointError,
+    SaveError,
+    atomic_write,
+    checkpoint_tag,
+    free_space,
+    human_bytes,
+    save_error,
+    verify_checkpoint_file,
+)
 from ..io.train_state import TrainState
 from . import zero
 from .backend import pick_device
+from .checkpoint import CORRUPT_DIR, set_aside
 from .launch import Launch
+
+LAUNCHERS = {"deepspeed.launcher.launch": "DeepSpeed's launch.py", "torch.distributed.run": "torchrun",
+             "torchrun": "torchrun"}
 
 TAG_RE = re.compile(r"step_\d{8}")
 
@@ -158,6 +174,24 @@ class DeepSpeedBackend:
     def barrier(self) -> None:
         dist.barrier()
 
+    def orphan_watch(self) -> list[tuple[int, int, str]]:
+        """This rank under its launcher, and DeepSpeed's launch.py under the ``deepspeed`` runner."""
+        import psutil  # a DeepSpeed requirement
+
+        me, parent, watch = os.getpid(), os.getppid(), []
+        try:
+            command = " ".join(psutil.Process(parent).cmdline())
+            name = next((n for key, n in LAUNCHERS.items() if key in command), None)
+            if name is not None:
+                watch.append((me, parent, name))
+            if name == "DeepSpeed's launch.py":
+                runner = psutil.Process(parent).ppid()
+                if "deepspeed" in " ".join(psutil.Process(runner).cmdline()):
+                    watch.append((parent, runner, "the deepspeed runner"))
+        except psutil.Error:  # a launcher gone already: the watch of this rank's parent sees it
+            pass
+        return watch
+
     def checkpoint_store(self, folder: Path, keep: int):
         return DeepSpeedStore(Path(folder) / "deepspeed", keep, self)
 
@@ -168,34 +202,130 @@ class DeepSpeedBackend:
 class DeepSpeedStore:
     """DeepSpeed's tag folders ``checkpoints/deepspeed/step_XXXXXXXX/``: every rank writes its model and
     optimizer partitions, our state rides in the client state, and under ZeRO-3 each rank also writes its
-    target slices (before DeepSpeed updates ``latest``, so a tag ``latest`` names is complete)."""
+    target slices. ``latest`` is written by us, atomically, once every rank's files are written (DeepSpeed
+    writes it before its last barrier, non-atomically), so a tag newer than ``latest`` is an unfinished save.
+
+    Resume: the ranks check the tags' files between them (each ``.pt`` a whole zip, each shard file whole;
+    each rank reads its own model-states file, weights-only) and all-reduce the verdicts, so every rank takes
+    the same newest good tag; the bad ones go to ``checkpoints/corrupt/``."""
 
     def __init__(self, folder: Path, keep: int, backend: DeepSpeedBackend):
         self.folder, self.keep, self.backend = Path(folder), keep, backend
         self.tag_dir: Path | None = None  # the newest tag written or loaded
 
+    # ---- save ---------------------------------------------------------------------------------------
     def save(self, state: TrainState) -> None:
         b, tag = self.backend, checkpoint_tag(state.step)
-        if b.zero3:
-            zero.save_target_shard(self.folder / tag, b.target, b.rank, b.world_size)
-        else:
-            state.target = b.target.state_dict()
-        # nested under one key: DeepSpeed merges client_state into its own top level, where our "skipped_steps"
-        # overwrote its counter and was then dropped again on load
-        b.engine.save_checkpoint(str(self.folder), tag=tag, client_state={"fastjepa": state.to_dict(weights=False)})
+        self._check_space(tag)
+        try:
+            if b.zero3:
+                zero.save_target_shard(self.folder / tag, b.target, b.rank, b.world_size)
+            else:
+                state.target = b.target.state_dict()
+            # nested under one key: DeepSpeed merges client_state into its own top level, where our "skipped_steps"
+            # overwrote its counter and was then dropped again on load
+            b.engine.save_checkpoint(str(self.folder), tag=tag, client_state={"fastjepa": state.to_dict(weights=False)},
+                                     save_latest=False)
+        except (OSError, RuntimeError) as err:  # this rank stops (exit 5); launch.py then stops the others
+            raise err if isinstance(err, SaveError) else save_error(self.folder / tag, err) from err
         self.tag_dir = self.folder / tag
-        if b.is_main:  # train.keep_checkpoints (DeepSpeed's save_checkpoint keeps every tag)
-            tags = sorted(p for p in self.folder.iterdir() if p.is_dir() and TAG_RE.fullmatch(p.name))
-            for old in tags[:-self.keep]:
+        if b.is_main:
+            atomic_write(self.folder / "latest", lambda tmp: Path(tmp).write_text(tag))
+            for old in self._tags()[max(1, self.keep):]:  # train.keep_checkpoints; never the tag just written
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load_latest(self):
+    def _check_space(self, tag: str) -> None:
+        """Refuse a save the disk cannot hold (the previous tag's size), on every rank alike: a save that
+        fails on one rank half-way would leave the others waiting in DeepSpeed's barriers."""
+        b, short = self.backend, None
+        if b.is_main and self.tag_dir is not None and self.tag_dir.is_dir():
+            need = sum(p.stat().st_size for p in self.tag_dir.rglob("*") if p.is_file())
+            free = shutil.disk_usage(self.folder).free
+            if free < need:
+                short = (f"not enough space to write checkpoint '{self.folder / tag}': the previous one took "
+                         f"{human_bytes(need)}, {free_space(self.folder)} on that file system")
+        if b.any_rank(short is not None):
+            raise SaveError(short or f"not enough space to write checkpoint '{self.folder / tag}' (rank 0 says why)")
+
+    # ---- resume -------------------------------------------------------------------------------------
+    def _tags(self) -> list[Path]:
+        """The tag folders, newest first."""
+        if not self.folder.is_dir():
+            return []
+        return sorted((p for p in self.folder.iterdir() if p.is_dir() and TAG_RE.fullmatch(p.name)), reverse=True)
+
+    def _model_states(self, tag_dir: Path) -> Path:
+        # DeepSpeed's name for this rank's file holding the client state (mp_rank_00_model_states.pt, or one
+        # per rank under ZeRO-3)
+        return Path(self.backend.engine._get_ckpt_name(str(self.folder), tag_dir.name))
+
+    def _peek(self, tag_dir: Path) -> TrainState:
+        """Our state from this rank's model-states file, weights-only and memory-mapped (no weights read)."""
+        path = self._model_states(tag_dir)
+        verify_checkpoint_file(path)
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - torch's text here suggests weights_only=False: never pass that on
+            raise CheckpointError(f"'{path}' cannot be read weights-only (a damaged or foreign file)") from None
+        client = raw.get("fastjepa") if isinstance(raw, dict) else None
+        if not isinstance(client, dict):
+            raise CheckpointError(f"'{path}' holds no fastjepa training state (no 'fastjepa' client state)")
+        return TrainState.from_dict(client, f"checkpoint '{path}'", need=() if self.backend.zero3 else ("target",))
+
+    def _problem(self, tag_dir: Path) -> str | None:
+        """Why this rank's share of the tag does not load, or None."""
         b = self.backend
-        path, client = b.engine.load_checkpoint(str(self.folder))
+        files = sorted(p for p in tag_dir.iterdir() if p.suffix in (".pt", ".safetensors"))
+        try:
+            for path in files[b.rank::b.world_size]:  # each file checked once, by one rank
+                verify_checkpoint_file(path)
+            self._peek(tag_dir)
+        except CheckpointError as err:
+            return str(err)
+        return None
+
+    def load_latest(self, accept):
+        b = self.backend
+        if b.cfg.deepspeed.load_universal:  # the tag DeepSpeed's latest_universal names, as it is
+            return self._load(None, accept)
+        tags, latest = self._tags(), self.folder / "latest"
+        named = latest.read_text().strip() if latest.is_file() else ""
+        if TAG_RE.fullmatch(named):  # tags after `latest`: saves that were killed before every rank finished
+            unfinished = [t for t in tags if t.name > named]
+            tags = [t for t in tags if t.name <= named]
+            if b.is_main and unfinished:
+                for t in unfinished:
+                    shutil.rmtree(t, ignore_errors=True)
+                print(f"fastjepa: removed {len(unfinished)} unfinished checkpoint(s) after {named}: "
+                      f"{', '.join(t.name for t in unfinished)}", file=sys.stderr, flush=True)
+        if not tags:
+            return None
+        problems = [self._problem(t) for t in tags]
+        votes = b.all_reduce_sum(torch.tensor([float(p is not None) for p in problems], dtype=torch.float64)).tolist()
+        good = next((i for i, v in enumerate(votes) if v == 0), None)
+        for tag_dir, problem in zip(tags[:good], problems):
+            if problem is not None and not b.is_main:
+                print(f"fastjepa: rank {b.rank}: {problem}", file=sys.stderr, flush=True)
+            if b.is_main:
+                reason = problem or f"checkpoint '{tag_dir}' failed its check on another rank (see its line)"
+                set_aside(tag_dir, self.folder.parent / CORRUPT_DIR, CheckpointError(reason))
+        if good is None:
+            raise CheckpointError(f"none of the {len(tags)} checkpoints in '{self.folder}' loads (all moved to "
+                                  f"{self.folder.parent / CORRUPT_DIR}): start again with --overwrite, or restore one")
+        if b.is_main and good > 0:
+            atomic_write(latest, lambda tmp: Path(tmp).write_text(tags[good].name))
+        return self._load(tags[good], accept)
+
+    def _load(self, tag_dir: Path | None, accept):
+        b, need = self.backend, () if self.backend.zero3 else ("target",)
+        if tag_dir is not None:
+            accept(self._peek(tag_dir), f"'{tag_dir}'")  # before the engine loads weights of another shape
+        path, client = b.engine.load_checkpoint(str(self.folder), tag=None if tag_dir is None else tag_dir.name)
         if path is None:
             return None
-        need = () if b.zero3 else ("target",)
         state = TrainState.from_dict(client["fastjepa"], f"checkpoint '{path}'", need=need)
+        if tag_dir is None:
+            accept(state, f"'{path}'")
         self.tag_dir = Path(path).parent
         if b.zero3:
             zero.load_target_shard(self.tag_dir, b.target, b.rank, b.world_size)

@@ -125,7 +125,8 @@ class MetricsLogger:
         if enabled and tensorboard is not False and importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter  # optional: imported only when it writes
 
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            # after a resume, events of the steps that come again are dropped (purge_step), as metrics.jsonl is cut
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self.wandb = start_wandb(wandb, output_dir, config) if enabled and wandb is not None else None
 
     def advance(self, steps: int = 1) -> None:

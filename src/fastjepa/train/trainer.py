@@ -5,7 +5,10 @@
 - the step (``step.py``: forward, loss, backward, update, EMA);
 - the data (``fastjepa.data``: a ``BatchStream``, the torch DataLoader or DALI);
 - the checkpoints (``checkpoint.py``: one ``TrainState`` schema, save / resume / prune / target export);
+- the run folder (``run_dir.py``: lock, fresh-run check, clean-up) and the resume check (``resume_config.py``);
 - the metrics (``metrics.py``: the logging window and the logger) and stop requests (``signals.py``).
+
+The exit codes are in ``exits.py``.
 """
 from __future__ import annotations
 
@@ -23,24 +26,34 @@ from ..models import build_models, compile_blocks
 from ..optim import build_optimizer
 from .backend import make_backend
 from .checkpoint import Checkpoints
+from .exits import EXIT_DATA, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_OK, EXIT_SAVE, stop_line
 from .metrics import MetricsLogger, MetricsWindow, check_monitoring
 from .online_probe import build_online_probe
+from .resume_config import check_resume_config
+from .run_dir import RunDir
 from .signals import StopRequests
 from .step import TrainStep
 
-EXIT_OK, EXIT_NONFINITE, EXIT_DATA = 0, 3, 4
-
 
 class Trainer:
-    """``Trainer(cfg, output_dir, resume=False).train()`` -> exit code. ``step``: optimizer steps done."""
+    """``Trainer(cfg, output_dir, resume=False).train()`` -> exit code. ``step``: optimizer steps done.
+    ``overwrite``: delete a run already in ``output_dir`` (else a fresh run there is an error)."""
 
-    def __init__(self, cfg: Config, output_dir: str | Path, resume: bool = False, local_rank: int | None = None):
+    def __init__(self, cfg: Config, output_dir: str | Path, resume: bool = False, local_rank: int | None = None,
+                 overwrite: bool = False):
         self.cfg, self.output_dir = cfg, Path(output_dir)
         check_monitoring(cfg)  # a logger asked for but not installed: a config error before anything starts
         self.backend = make_backend(cfg, local_rank)
         self.device, self.rank, self.world_size = self.backend.device, self.backend.rank, self.backend.world_size
         self.is_main = self.backend.is_main
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = RunDir.open(self.output_dir, self.backend, resume, overwrite, say=self.say)  # held till the end
+        try:
+            self._build(cfg, resume)
+        except BaseException:
+            self.run_dir.release()
+            raise
+
+    def _build(self, cfg: Config, resume: bool) -> None:
         torch.manual_seed(cfg.train.seed)  # every rank starts from the same weights
         with torch.device(self.device):  # initialise on the device: a ViT-H takes seconds on a CPU
             self.model, self.target = build_models(cfg)
@@ -60,7 +73,7 @@ class Trainer:
             self.say(probe_note)
         self.step = 0  # optimizer steps done
         self.skipped_images = 0  # this rank's count (rank 0 also carries the resumed total)
-        self.stop = StopRequests()
+        self.stop = StopRequests(watch=self.backend.orphan_watch())
         if resume:
             self.resume()
 
@@ -103,12 +116,18 @@ class Trainer:
             self.probe.save(self.output_dir / "checkpoints", self.step)
 
     def resume(self) -> None:
-        found = self.checkpoints.resume()
+        def accept(state: TrainState, where: str) -> None:  # before any weights load
+            for line in check_resume_config(state.config, self.cfg.to_dict(), state.step, where):
+                self.say(f"fastjepa: warning: {line}")
+
+        found = self.checkpoints.resume(accept)
         if found is None:
             self.say(f"fastjepa: --resume found no checkpoint in {self.output_dir / 'checkpoints'}; starting from step 0")
+        state, where = found or (None, None)
+        self.step = state.step if state else 0
+        self.run_dir.truncate_metrics(self.step, say=self.say)  # steps logged after the checkpoint come again
+        if state is None:
             return
-        state, where = found
-        self.step = state.step
         # the saved count is the sum over ranks: rank 0 carries it on, so sums stay right on any world size
         self.skipped_images = state.skipped_images if self.is_main else 0
         self.step_fn.skipped_steps.copy_(torch.as_tensor(state.skipped_steps))
@@ -125,59 +144,67 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------
     def train(self) -> int:
         """Run to ``train.max_steps``; returns the process exit code."""
-        t = self.cfg.train
+        try:
+            with self.stop:  # before the loader starts its workers (they ignore the signals the trainer handles)
+                return self._loop()
+        except (DataError, OSError, KeyboardInterrupt) as err:  # bad data, a failed write, a second Ctrl-C
+            if isinstance(err, DataError) and self.world_size == 1 and self.step > 0:
+                self.save(final=True)  # with several ranks a one-rank save would hang
+            line, code = stop_line(err, self.step, self.checkpoints.saved_step, self.output_dir)
+            print(line, file=sys.stderr, flush=True)
+            return code
+        finally:
+            self.data.close()
+            self.run_dir.release()
+
+    def _loop(self) -> int:
+        t, accum = self.cfg.train, self.cfg.train.grad_accum_steps
         if self.is_main:
             (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        accum = t.grad_accum_steps
         batches = self.data.iterate(self.step * accum, t.max_steps * accum)
         logger = MetricsLogger(self.output_dir, t.max_steps, self.step, enabled=self.is_main,
                                progress=t.progress, tensorboard=t.tensorboard, wandb=t.wandb, config=self.cfg.to_dict())
-        window = MetricsWindow(self.model, self.device, probe=self.probe)
+        window, logged = MetricsWindow(self.model, self.device, probe=self.probe), self.step
         # the host reads device state only every check_every steps; ranks agree on stopping as often (one rank
         # has nobody to agree with: it stops at the first step boundary after a signal)
         check_every = min(t.log_every, max(1, t.max_nonfinite_steps))
         agree_every = check_every if self.world_size > 1 else 1
-        exit_code = EXIT_OK
         try:
-            with self.stop:
-                while self.step < t.max_steps:
-                    waited = time.perf_counter()
-                    micro = [next(batches) for _ in range(accum)]
-                    wait = time.perf_counter() - waited
-                    log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
-                    out = self.train_step(micro, want_stats=log_now)
-                    self.skipped_images += sum(b.skipped for b in micro)
-                    window.add(out, micro, wait)
-                    logger.advance()
-                    if log_now:
-                        logger.log(window.record(self.step, micro[-1].epoch, out, self.backend, self.skipped_images,
-                                                 self.step_fn.skipped_steps))
-                    if self.step % check_every == 0 and int(self.step_fn.nonfinite_run) >= t.max_nonfinite_steps:
-                        self.save(final=True)
-                        logger.message(f"fastjepa: stopping: {int(self.step_fn.nonfinite_run)} non-finite steps in "
-                                       f"a row (train.max_nonfinite_steps={t.max_nonfinite_steps}); checkpoint at "
-                                       f"step {self.step}")
-                        exit_code = EXIT_NONFINITE
-                        break
-                    if self.step % agree_every == 0 and self.backend.any_rank(self.stop.signal is not None):
-                        self.save(final=True)
-                        logger.message(f"fastjepa: signal {self.stop.signal or 'on another rank'}: checkpoint saved "
-                                       f"at step {self.step}")
-                        break
-                    if self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
-                        self.save()
-                else:
+            while self.step < t.max_steps:
+                waited = time.perf_counter()
+                micro = [next(batches) for _ in range(accum)]
+                wait = time.perf_counter() - waited
+                log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
+                out = self.train_step(micro, want_stats=log_now)
+                self.skipped_images += sum(b.skipped for b in micro)
+                window.add(out, micro, wait)
+                logger.advance()
+                if log_now:  # window_steps: the steps averaged (fewer in the first window after a resume)
+                    logger.log({**window.record(self.step, micro[-1].epoch, out, self.backend, self.skipped_images,
+                                                self.step_fn.skipped_steps), "window_steps": self.step - logged})
+                    logged = self.step
+                if self.step % check_every == 0 and int(self.step_fn.nonfinite_run) >= t.max_nonfinite_steps:
                     self.save(final=True)
-        except DataError as err:  # raised in a loader worker; its last line names the files
-            detail = str(err).strip().splitlines()[-1]
-            if self.world_size == 1 and self.step > 0:  # with several ranks a one-rank save would hang
-                self.save(final=True)
-            print(f"fastjepa: error: {detail} (stopped at step {self.step})", file=sys.stderr, flush=True)
-            exit_code = EXIT_DATA
+                    logger.message(f"fastjepa: stopping: {int(self.step_fn.nonfinite_run)} non-finite steps in a row "
+                                   f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); checkpoint at step {self.step}")
+                    return EXIT_NONFINITE
+                stop, save_now = self.stop.poll(self.backend) if self.step % agree_every == 0 else (None, False)
+                if stop:
+                    self.save(final=True)
+                    logger.message(f"fastjepa: {stop}: checkpoint saved at step {self.step}; exiting")
+                    return EXIT_OK
+                if save_now or (self.step % t.checkpoint_every == 0 and self.step < t.max_steps):
+                    self.save()
+                    if save_now:
+                        logger.message(f"fastjepa: save requested (SIGUSR1): checkpoint saved at step {self.step}")
+            self.save(final=True)
+            return EXIT_OK
         finally:
             logger.close()
-            self.data.close()
-        return exit_code
+
+    def close(self) -> None:
+        """Release the run folder without training (``train()`` releases it itself)."""
+        self.run_dir.release()
 
 
-__all__ = ["EXIT_DATA", "EXIT_NONFINITE", "EXIT_OK", "Trainer"]
+__all__ = ["EXIT_DATA", "EXIT_INTERRUPTED", "EXIT_NONFINITE", "EXIT_OK", "EXIT_SAVE", "Trainer"]
