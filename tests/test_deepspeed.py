@@ -269,8 +269,9 @@ def data_parallel_replay(config: Path, steps: int, world: int = WORLD):
     params = [p for p in model.parameters() if p.requires_grad]
     losses = []
     for step in range(steps):
-        set_hyperparameters(optimizer, schedules.learning_rate(step, cfg.optim, total),
-                            schedules.weight_decay(step, cfg.optim, total))
+        # The official loop steps its schedulers before the optimizer, so step s trains at the value for s + 1.
+        set_hyperparameters(optimizer, schedules.learning_rate(step + 1, cfg.optim, total),
+                            schedules.weight_decay(step + 1, cfg.optim, total))
         sums, step_losses = [torch.zeros_like(p) for p in params], []
         for batches in data:
             for micro in range(step * accum, (step + 1) * accum):
