@@ -1,6 +1,6 @@
 """gather_tokens: Triton vs ``index_select`` + add, forward and forward+backward, in GB/s.
 
-Shapes (DESIGN.md §3), as fastjepa calls the op: the ViT-H/14 encoder gathers ~110 of 256 patch rows
+Shapes (ViT-H/14 official masks; docs/scaling.md), as fastjepa calls the op: the ViT-H/14 encoder gathers ~110 of 256 patch rows
 per image from ``x [128, 256, 1280]`` bf16 plus ``pos [256, 1280]`` (a buffer: no pos gradient), each row
 at most once (``unique=True``); the predictor's gather picks ~4 x 110 context rows per image from a
 ``[128 * 110, 384]`` table (once per target block; the mask token is added outside the gather). ``x``

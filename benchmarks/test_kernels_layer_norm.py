@@ -1,7 +1,7 @@
 """fused_add_layer_norm and bias_gelu: the Triton kernels vs the unfused PyTorch chain, eager and
 ``torch.compile``d, forward and forward+backward, in GB/s and as a fraction of device copy bandwidth.
 
-Shapes (ViT-H/14 at batch 128, DESIGN.md §3; bf16 autocast numerics):
+Shapes (ViT-H/14 at batch 128, official masks; bf16 autocast numerics):
 - LayerNorm, D 1280: context encoder 128 x 110 = 14 080 rows, target encoder 128 x 256 = 32 768 rows;
   predictor D 384: 4 x 128 sequences of ~154 tokens = 78 848 rows. x (the branch output) in bf16, the
   residual stream in fp32 or bf16 (``stream``), ``normed`` in bf16 (the next matmul's input).

@@ -1,6 +1,6 @@
 """jepa_target_loss: the fused Triton kernel vs the unfused PyTorch chain, forward+backward, GB/s.
 
-Shape (DESIGN.md §3): ViT-H/14, batch 128, 4 target blocks of ~44 patches per image, so
+Shape (official masks): ViT-H/14, batch 128, 4 target blocks of ~44 patches per image, so
 ``T = 128 * 4 * 44`` rows of ``pred [T, 1280]`` bf16 against ``target [128, 256, 1280]`` fp32 (the
 target encoder's final LayerNorm runs in fp32 under autocast). Bytes counted: the picked target rows,
 the index and ``pred`` read once, the unscaled derivative written, and the backward's read of it and
