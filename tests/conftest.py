@@ -21,7 +21,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = REPO / "src" / "fastjepa" / "train" / "__main__.py"
+# the path launchers are given in the docs: deepspeed fastjepa/train.py --config ...
+TRAIN_SCRIPT = REPO / "fastjepa" / "train.py"
 CONFIGS = REPO / "src" / "fastjepa" / "configs"
 
 torch.set_num_threads(1)

@@ -111,6 +111,16 @@ def test_overrides_anywhere_and_print_config(tmp_path, capsys):
     assert not out.exists()  # --print-config builds nothing
 
 
+def test_checkout_script_path_resolves_the_packaged_preset(tmp_path):
+    """``deepspeed fastjepa/train.py --config configs/vith14.json``: the script path a launcher is given
+    runs the installed trainer, and the preset path resolves from the checkout's root."""
+    proc = subprocess.run([sys.executable, "fastjepa/train.py", "--config", "configs/vith14.json", "--print-config"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == load_config("vith14").to_dict()
+    assert load_config("vith14").model.arch == "huge" and load_config("vith14").model.patch_size == 14
+
+
 def test_unknown_flags_are_still_argparse_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["train", "--output-dir", str(tmp_path), "--bogus", "optim.lr=1e-3"])

@@ -2,7 +2,8 @@
 
 Per token per transformer layer (width D, sequence length L): qkv 3D^2 + proj D^2 + MLP 2 r D^2 MACs,
 plus QK^T and PV 2 L D MACs -> ``2 (4 + 2 r) D^2 + 4 L D`` FLOPs (``24 D^2 + 4 L D`` for r = 4:
-the count of Kaplan et al. 2020, "Scaling Laws for Neural Language Models", table 1, without the causal halving). Backward costs twice the forward.
+the count of Kaplan et al. 2020, "Scaling Laws for Neural Language Models", table 1, without the causal halving).
+Backward costs twice the forward.
 """
 from __future__ import annotations
 
