@@ -549,3 +549,18 @@ def test_cli_module_exit_code(tmp_path, helpers):
                             capture_output=True, text=True, env=helpers.subprocess_env(), timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"fastjepa-convert: error: '{tmp_path / 'missing.pth'}' does not exist"
+
+
+def test_config_flag_takes_a_preset_name_or_a_file(tmp_path, capsys):
+    """``--config vith14`` reads the packaged preset, as the trainer's ``--config`` does; a missing file is
+    one line naming it."""
+    from fastjepa.config import PRESET_DIR
+
+    assert convert._base_config("vith14") == json.loads((PRESET_DIR / "vith14.json").read_text())
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps({"train": {"seed": 7}}))
+    assert convert._base_config(str(own)) == {"train": {"seed": 7}}
+    ckpt = tmp_path / "in.pth.tar"
+    torch.save(official_checkpoint(), ckpt)
+    err = _convert_error(capsys, ckpt, tmp_path / "out", "--config", str(tmp_path / "missing.json"))
+    assert "missing.json" in err and "does not exist" in err

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, resolve_config_path
 from ..models import build_models
 from ..optim import build_optimizer
 from .encoder import read_encoder
@@ -93,8 +93,7 @@ def _read_official(path: Path) -> dict:
 def _base_config(path: str | None) -> dict | None:
     if path is None:
         return None
-    if not Path(path).is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
+    path = resolve_config_path(path)  # a file, or a packaged preset's name (vith14)
     try:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
