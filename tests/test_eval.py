@@ -93,6 +93,41 @@ def test_probe_matches_sklearn_logistic_regression():
     assert 30 < top1 < 100 and top5 > top1
 
 
+def _sklearn_top1(xtr, ytr, xte, yte, C=1.0):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(xtr)
+    clf = LogisticRegression(C=C, max_iter=2000).fit(scaler.transform(xtr), ytr)
+    return 100.0 * np.mean(clf.predict(scaler.transform(xte)) == yte)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_torch_probe_as_good_as_sklearn(seed):
+    """The torch probe (grid over lr, chosen on a held-out 10 %) reaches scikit-learn's L-BFGS top-1 on
+    clustered data (within one test image in 100), with top-5 above top-1."""
+    xtr, ytr, xte, yte = clustered(n_train=1200, n_test=400, dim=24, classes=8, seed=seed, dtype=np.float32)
+    acc = linear_probe.torch_probe(xtr, ytr, xte, yte, {"all": slice(None)}, epochs=30, batch_size=64, seed=seed)
+    assert acc["top1"] >= _sklearn_top1(xtr, ytr, xte, yte) - 1.0, acc
+    assert acc["top5"] > acc["top1"] and acc["lr"] in linear_probe.LEARNING_RATES and acc["features"] == "all"
+
+
+def test_torch_probe_chooses_the_informative_features_on_held_out_data():
+    """Two feature sets: only the first carries the class. The held-out split must pick it (and a labels
+    set that is not 0..C-1 comes back as the test labels)."""
+    xtr, ytr, xte, yte = clustered(n_train=800, n_test=200, dim=12, classes=4, seed=3, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    noise_tr, noise_te = rng.normal(size=(len(xtr), 12)), rng.normal(size=(len(xte), 12))
+    train = np.concatenate([xtr, noise_tr], 1).astype(np.float32)
+    test = np.concatenate([xte, noise_te], 1).astype(np.float32)
+    sets = {"noise": slice(12, None), "signal": slice(0, 12)}
+    acc = linear_probe.torch_probe(train, ytr + 10, test, yte + 10, sets, epochs=20, batch_size=64)
+    assert acc["features"] == "signal", acc
+    # the lr is chosen on 80 held-out rows here: within 3 points of L-BFGS on the signal alone
+    assert acc["top1"] >= _sklearn_top1(xtr, ytr, xte, yte) - 3.0
+    assert acc["held_out_top1"] > 50  # chance is 25
+
+
 def test_topk_accuracy_by_hand():
     scores = np.array([[0.1, 0.5, 0.4], [0.7, 0.2, 0.1], [0.2, 0.3, 0.5]])
     labels = np.array([2, 0, 0])
@@ -160,13 +195,13 @@ def test_extraction_batches_and_cache(encoder, image_tree, tmp_path, monkeypatch
     def no_extraction(*a, **k):
         raise AssertionError("the cache should have answered")
 
-    real_extract = F.extract_features
-    monkeypatch.setattr(F, "extract_features", no_extraction)
+    real_extract = F.extract_features_kept
+    monkeypatch.setattr(F, "extract_features_kept", no_extraction)
     again, _ = F.cached_features(encoder, source, transform, cache, limit=10, progress=False)
     np.testing.assert_array_equal(again, first)
 
     calls = []
-    monkeypatch.setattr(F, "extract_features", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    monkeypatch.setattr(F, "extract_features_kept", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
     F.cached_features(encoder, source, transform, cache, limit=10, layers=2, progress=False)  # other options
     with torch.no_grad():
         encoder.blocks[0].mlp.fc2.bias.add_(0.1)  # other weights
@@ -205,9 +240,9 @@ def run_and_data(tmp_path, tiny_cfg, encoder, helpers):
 
 
 def _features_by_hand(encoder, root):
-    from fastjepa.data.transforms import ImageTransform
+    from fastjepa.data.transforms import EvalTransform
 
-    transform = ImageTransform(16, 3)
+    transform = EvalTransform(16, 3)
     classes = sorted(p.name for p in root.iterdir())
     xs, ys = [], []
     for label, name in enumerate(classes):
@@ -238,7 +273,7 @@ def test_cli_probe_and_knn_on_image_folder(run_and_data, encoder, tmp_path, caps
 
     out = tmp_path / "probe.json"
     assert linear_probe.main(["--checkpoint", str(run), "--data-root", str(data), "--output", str(out),
-                              "--batch-size", "5", "--no-progress"]) == 0
+                              "--batch-size", "5", "--no-progress", "--backend", "sklearn"]) == 0
     result, err = _last_json(capsys)
     assert result["top1"] == pytest.approx(probe_top1, abs=0.01) and result["top5"] is not None
     assert result["train_images"] == 36 and result["test_images"] == 12 and result["feature_dim"] == 32
@@ -285,3 +320,75 @@ def test_cli_errors(run_and_data, tmp_path, capsys):
         assert "layers must be in 1..4" in capsys.readouterr().err
     assert knn.main(["--checkpoint", str(run), "--data-root", str(data), "--k", "0"]) == 2
     assert "--k must be >= 1" in capsys.readouterr().err
+
+
+def test_forward_intermediates_are_the_blocks_outputs(encoder):
+    images = torch.randn(2, 3, 16, 16)
+    outputs = []
+    hooks = [b.register_forward_hook(lambda m, args, out: outputs.append(out)) for b in encoder.blocks]
+    with torch.no_grad():
+        final = encoder(images)
+        for h in hooks:
+            h.remove()
+        got = encoder.forward_intermediates(images, 3)
+    assert len(got) == 3
+    for g, out in zip(got, outputs[-3:]):
+        torch.testing.assert_close(g, encoder.norm(out).view(2, 16, 32))
+    torch.testing.assert_close(got[-1], final)
+    with pytest.raises(ValueError, match="1..4"):
+        encoder.forward_intermediates(images, 0)
+
+
+def test_eval_transform_resizes_the_short_side_then_centre_crops():
+    """A horizontal ramp of 90 x 60 pixels: the short side goes to 16 * 256 / 224 = 18 px (the long one to
+    27), and the centre 16 x 16 crop keeps columns 5.5 .. 21.5 of 27, i.e. x from 18.3 to 71.7 of 90."""
+    from PIL import Image
+
+    from fastjepa.data.transforms import EvalTransform, channel_stats
+
+    width, height = 90, 60
+    ramp = np.tile(np.linspace(0, 255, width), (height, 1)).astype(np.uint8)
+    out = EvalTransform(16, 1)(Image.fromarray(ramp, "L"))
+    assert out.shape == (1, 16, 16)
+    mean, std = channel_stats(1)
+    pixels = (out[0] * std[0] + mean[0]) * 255  # back to 0..255
+    scale = 18 / 60
+    left = round((round(width * scale) - 16) / 2)  # the crop's first column in the resized image
+    for col in (0, 8, 15):
+        x = (left + col + 0.5) / scale - 0.5  # that column's centre in the original
+        expected = 255 * x / (width - 1)
+        assert abs(float(pixels[:, col].mean()) - expected) < 4, (col, float(pixels[:, col].mean()), expected)
+    assert torch.allclose(pixels[0], pixels[-1], atol=1)  # rows alike: no vertical distortion
+
+
+def test_cli_unreadable_images_skipped_and_counted(run_and_data, capsys):
+    run, data = run_and_data
+    (data / "train" / "a" / "broken.png").write_bytes(b"not an image at all")
+    (data / "val" / "b" / "cut.png").write_bytes(next((data / "val" / "b").glob("v0.png")).read_bytes()[:40])
+    for tool, extra in ((linear_probe, ["--epochs", "2"]), (knn, [])):
+        assert tool.main(["--checkpoint", str(run), "--data-root", str(data), "--no-progress", "--no-cache",
+                          *extra]) == 0
+        result, err = _last_json(capsys)
+        assert result["train_images"] == 36 and result["test_images"] == 12 and result["skipped_images"] == 2
+        assert "skipped 1 unreadable image(s)" in err and "broken.png" in err
+
+
+def test_cli_one_class_is_one_line(tmp_path, run_and_data, helpers, capsys):
+    run, _ = run_and_data
+    data = tmp_path / "one"
+    helpers.make_image_tree(data / "train", per_class=3, classes=("only",))
+    helpers.make_image_tree(data / "val", per_class=1, classes=("only",))
+    for tool in (linear_probe, knn):
+        assert tool.main(["--checkpoint", str(run), "--data-root", str(data), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "1 class(es)" in err and "at least 2" in err, err
+
+
+def test_cli_torch_probe_reports_the_chosen_setting(run_and_data, capsys):
+    run, data = run_and_data
+    assert linear_probe.main(["--checkpoint", str(run), "--data-root", str(data), "--no-progress",
+                              "--epochs", "5"]) == 0
+    result, _ = _last_json(capsys)
+    assert result["backend"] == "torch" and result["layers"] == 4 and result["feature_dim"] == 128
+    assert result["chosen"]["layers"] in (1, 4) and result["chosen"]["lr"] in linear_probe.LEARNING_RATES
+    assert 0 <= result["top1"] <= 100

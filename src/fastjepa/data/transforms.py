@@ -57,13 +57,36 @@ class ImageTransform:
         self.std = torch.tensor(std).view(-1, 1, 1)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        img = self.convert(img)
+        box = None if rng is None else random_resized_crop_box(*img.size, rng, self.crop_scale)
+        return self.to_tensor(img.resize((self.size, self.size), Image.BILINEAR, box=box))
+
+    def convert(self, img: Image.Image) -> Image.Image:
+        """Any PIL mode -> ``L`` (one channel) or ``RGB``."""
         if img.mode.startswith("I"):  # 16-bit grayscale (PNG "I;16"): PIL's convert clips at 255, i.e. white
             arr = np.asarray(img, dtype=np.float64) / 257.0
             img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))  # uint8 2-D: mode L
-        img = img.convert("L" if self.channels == 1 else "RGB")
-        box = None if rng is None else random_resized_crop_box(*img.size, rng, self.crop_scale)
-        img = img.resize((self.size, self.size), Image.BILINEAR, box=box)
-        arr = np.asarray(img, dtype=np.uint8)
-        x = torch.from_numpy(arr.copy()).float().div_(255.0)
+        return img.convert("L" if self.channels == 1 else "RGB")
+
+    def to_tensor(self, img: Image.Image) -> torch.Tensor:
+        """A converted image -> float32 ``[C, H, W]``, normalised."""
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float().div_(255.0)
         x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
         return (x - self.mean) / self.std
+
+
+class EvalTransform(ImageTransform):
+    """The standard evaluation transform: the short side resized to ``size * 256 / 224``, then the centre
+    ``size x size`` crop (the ImageNet convention of the DINO and DINOv2 linear evaluations)."""
+
+    RESIZE = 256 / 224
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        img = self.convert(img)
+        width, height = img.size
+        short = round(self.size * self.RESIZE)
+        scale = short / min(width, height)
+        new_w, new_h = max(short, round(width * scale)), max(short, round(height * scale))
+        img = img.resize((new_w, new_h), Image.BILINEAR)
+        left, top = round((new_w - self.size) / 2), round((new_h - self.size) / 2)
+        return self.to_tensor(img.crop((left, top, left + self.size, top + self.size)))

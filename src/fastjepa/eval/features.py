@@ -2,27 +2,39 @@
 
 A feature is the mean over tokens of the final-LayerNorm'd block output: ``layers=1`` is the encoder's
 own output (the I-JEPA feature); ``layers=4`` concatenates the last four blocks' pooled outputs, each
-through the final norm (DINO's linear evaluation, ``n_last_blocks=4``). Extraction runs in batches under
-``no_grad`` with a progress bar on stderr. The cache is one ``.npz`` per (encoder, data set, options),
-named by a digest of the encoder's weights and architecture, the data set's files and the options, so
-a changed encoder or folder never reads stale features.
+through the final norm, oldest first (DINO's linear evaluation, ``n_last_blocks=4``), so its last ``D``
+columns are the ``layers=1`` feature. Extraction runs in batches under ``no_grad`` on the GPU when there
+is one (bf16 autocast there), with decoding workers and a progress bar on stderr. An image that cannot be
+read is skipped and counted, as the trainer does. The cache is one ``.npz`` per (encoder, data set,
+options), named by a digest of the encoder's weights and architecture, the data set's files and the
+options, so a changed encoder or folder never reads stale features.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import UnidentifiedImageError
+from tqdm import tqdm
 
-CACHE_VERSION = "1"  # bump when the feature definition changes
+from ..config import build_config
+from ..data.sources import ImageFolder, build_source
+from ..data.transforms import EvalTransform, ImageTransform
+from ..io.encoder import read_encoder
+from ..io.files import atomic_write
+from ..io.weights import encoder_from_state, inference_config
+from ..models import build_encoder
+
+CACHE_VERSION = "2"  # bump when the feature definition changes
 
 
 # ---- features ---------------------------------------------------------------------------------------
@@ -31,24 +43,24 @@ def pooled_features(encoder: nn.Module, images: torch.Tensor, layers: int = 1) -
     each through the final norm and averaged over tokens, oldest first."""
     if layers == 1:
         return encoder(images).mean(dim=1).float()
-    from ..models.vit import uniform_cu_seqlens
+    return torch.cat([h.mean(dim=1).float() for h in encoder.forward_intermediates(images, layers)], dim=1)
 
-    depth = len(encoder.blocks)
-    if not 1 <= layers <= depth:
-        raise ValueError(f"layers must be in 1..{depth} (the encoder's depth), got {layers}")
-    x = encoder.patchify(images)
-    batch, n, dim = x.shape
-    x = (x + encoder.pos_embed.to(x.dtype)).reshape(batch * n, dim)
-    cu_seqlens = uniform_cu_seqlens(batch, n, x.device)
-    pooled = []
-    for i, block in enumerate(encoder.blocks):
-        x = block(x, cu_seqlens, n)
-        if i >= depth - layers:
-            pooled.append(encoder.norm(x).view(batch, n, dim).mean(dim=1).float())
-    return torch.cat(pooled, dim=1)
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the current CUDA device when there is one, else the CPU; any other name as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding processes: up to 8 beside a GPU; none on a CPU, whose cores run the encoder."""
+    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
 class _Images(torch.utils.data.Dataset):
+    """``(image [C, H, W] or an empty tensor for an unreadable file, index)``."""
+
     def __init__(self, source, transform, count: int):
         self.source, self.transform, self.count = source, transform, count
 
@@ -56,31 +68,57 @@ class _Images(torch.utils.data.Dataset):
         return self.count
 
     def __getitem__(self, i):
-        return self.transform(self.source.load(i))
+        try:
+            return self.transform(self.source.load(i)), i
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):  # what PIL raises on a broken file
+            return torch.empty(0), i
+
+
+def _collate(items):
+    good = [(x, i) for x, i in items if x.numel()]
+    bad = [i for x, i in items if not x.numel()]
+    images = torch.stack([x for x, _ in good]) if good else torch.empty(0)
+    return images, [i for _, i in good], bad
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, source, transform, batch_size: int = 256, limit: int | None = None,
-                     layers: int = 1, workers: int = 0, progress: bool = True, desc: str = "features",
-                     device: str | torch.device = "cpu") -> np.ndarray:
-    """``[n, layers * D]`` float32 features of the first ``limit`` images of ``source`` (all by default),
-    in order; the encoder runs in eval mode on ``device``."""
-    from tqdm import tqdm
-
+def extract_features_kept(encoder: nn.Module, source, transform, batch_size: int = 256, limit: int | None = None,
+                          layers: int = 1, workers: int = 0, progress: bool = True, desc: str = "features",
+                          device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """``(features [n_kept, layers * D] float32, kept [n_kept] int64)``: the features of the readable
+    images among the first ``limit`` of ``source`` (all by default), in order, and their indices. The
+    encoder runs in eval mode on ``device``, under bf16 autocast on CUDA."""
+    device = torch.device(device)
     count = len(source) if limit is None else min(limit, len(source))
     loader = torch.utils.data.DataLoader(_Images(source, transform, count), batch_size=batch_size,
-                                         num_workers=workers, shuffle=False)
+                                         num_workers=workers, shuffle=False, collate_fn=_collate,
+                                         pin_memory=device.type == "cuda")
     was_training = encoder.training
     encoder.eval()
-    out = []
+    out, kept, skipped = [], [], []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     try:
         with tqdm(total=count, desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
-            for images in loader:
-                out.append(pooled_features(encoder, images.to(device), layers).cpu().numpy())
-                bar.update(len(images))
+            for images, good, bad in loader:
+                if good:
+                    with autocast:
+                        feats = pooled_features(encoder, images.to(device, non_blocking=True), layers)
+                    out.append(feats.float().cpu().numpy())
+                kept += good
+                skipped += bad
+                bar.update(len(good) + len(bad))
     finally:
         encoder.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, layers * encoder.embed_dim), np.float32)
+    if skipped:
+        first = source.describe(skipped[0]) if hasattr(source, "describe") else f"image {skipped[0]}"
+        print(f"{desc}: skipped {len(skipped)} unreadable image(s) (the first: {first})", file=sys.stderr)
+    feats = np.concatenate(out) if out else np.zeros((0, layers * encoder.embed_dim), np.float32)
+    return feats, np.asarray(kept, dtype=np.int64)
+
+
+def extract_features(encoder: nn.Module, source, transform, **kw) -> np.ndarray:
+    """``[n, layers * D]`` float32 features of the readable images (``extract_features_kept``'s first half)."""
+    return extract_features_kept(encoder, source, transform, **kw)[0]
 
 
 # ---- cache --------------------------------------------------------------------------------------------
@@ -115,29 +153,22 @@ def source_digest(source, count: int) -> str:
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    """Write to a temporary file beside ``path``, then rename: a killed run never leaves half a cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """One cache file, written atomically (a killed run never leaves half a cache)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
 
 
 def cached_features(encoder: nn.Module, source, transform, cache_dir: str | Path | None, limit: int | None = None,
                     layers: int = 1, desc: str = "features", **extract_kw) -> tuple[np.ndarray, np.ndarray]:
-    """``(features [n, layers * D] float32, labels [n] int64)``, read from ``cache_dir`` when a run with
-    the same encoder, images and options wrote them, else extracted (and written there unless
-    ``cache_dir`` is None)."""
+    """``(features [n, layers * D] float32, labels [n] int64)`` of the readable images, read from
+    ``cache_dir`` when a run with the same encoder, images and options wrote them, else extracted (and
+    written there unless ``cache_dir`` is None)."""
     count = len(source) if limit is None else min(limit, len(source))
     labels = np.asarray(source.labels[:count], dtype=np.int64)
     key = json.dumps({"version": CACHE_VERSION, "encoder": encoder_digest(encoder),
                       "data": source_digest(source, count), "layers": layers,
-                      "transform": [transform.size, transform.channels]}, sort_keys=True)
+                      "transform": [type(transform).__name__, transform.size, transform.channels]}, sort_keys=True)
     path = None
     if cache_dir is not None:
         name = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
@@ -146,11 +177,13 @@ def cached_features(encoder: nn.Module, source, transform, cache_dir: str | Path
             try:
                 with np.load(path) as saved:
                     if str(saved["key"]) == key:
-                        print(f"{desc}: {count} cached features from {path}", file=sys.stderr)
+                        print(f"{desc}: {len(saved['labels'])} cached features from {path}", file=sys.stderr)
                         return saved["features"], saved["labels"]
             except (OSError, ValueError, KeyError):
                 pass  # unreadable cache: extract again and overwrite it
-    feats = extract_features(encoder, source, transform, limit=count, layers=layers, desc=desc, **extract_kw)
+    feats, kept = extract_features_kept(encoder, source, transform, limit=count, layers=layers, desc=desc,
+                                        **extract_kw)
+    labels = labels[kept]
     if path is not None:
         _save_npz(path, features=feats, labels=labels, key=np.array(key))
     return feats, labels
@@ -172,7 +205,7 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, column_labels=None, ks
 
 
 # ---- the shared command line ---------------------------------------------------------------------------
-def add_eval_args(parser: argparse.ArgumentParser) -> None:
+def add_eval_args(parser: argparse.ArgumentParser, layers_help: str | None = None) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="a training output directory, a .safetensors encoder, a step_*.pt or a converted file")
     parser.add_argument("--random-init", action="store_true", help="evaluate the architecture at initialisation")
@@ -181,11 +214,14 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
                              "run's own data config)")
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N train images")
     parser.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
-    parser.add_argument("--layers", type=int, default=1,
-                        help="concatenate the pooled outputs of the last N blocks (4: DINO's linear-eval recipe)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help=layers_help or "concatenate the pooled outputs of the last N blocks (4: DINO's "
+                                            "linear-eval recipe; default 1)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
-    parser.add_argument("--device", default="cpu", help="where the encoder runs (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="image-decoding worker processes (default: up to 8 beside a GPU, none on a CPU)")
+    parser.add_argument("--device", default="auto",
+                        help="where the encoder runs: auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
     parser.add_argument("--cache-dir", default=None,
                         help="feature cache (default: CHECKPOINT/eval_cache for a directory, else "
                              "~/.cache/fastjepa/features)")
@@ -198,8 +234,6 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
 def folder_splits(root: str | Path):
     """``(train, val)`` image folders of ``root/train`` and ``root/val``, val labels numbered like train's
     classes (a val folder missing a class keeps the labels aligned)."""
-    from ..data.sources import ImageFolder
-
     root = Path(root)
     for sub in ("train", "val"):
         if not (root / sub).is_dir():
@@ -232,18 +266,11 @@ class EvalFeatures:
     info: dict = field(default_factory=dict)
 
 
-def eval_features(args) -> EvalFeatures:
-    """The encoder and data the command-line arguments name, as (cached) features."""
-    from ..data.sources import build_source
-    from ..data.transforms import ImageTransform
-    from ..io.encoder import read_encoder
-    from ..io.weights import encoder_from_state, inference_config
-    from ..models import build_encoder
-
+def eval_features(args, layers: int = 1) -> EvalFeatures:
+    """The encoder and data the command-line arguments name, as (cached) features of the last ``layers``
+    blocks (``args.layers`` when given)."""
     checkpoint = Path(args.checkpoint)
     if args.random_init:
-        from ..config import build_config
-
         config_file = checkpoint / "config.json"
         if checkpoint.is_dir() and config_file.is_file():
             cfg = build_config(json.loads(config_file.read_text()))
@@ -254,27 +281,38 @@ def eval_features(args) -> EvalFeatures:
     else:
         cfg, state = read_encoder(checkpoint)
         encoder = encoder_from_state(cfg, state, f"encoder weights in '{checkpoint}'")
-    encoder.to(args.device)
-    if args.data_root is not None:
-        train_src, test_src = folder_splits(args.data_root)
-    elif cfg.data.dataset == "folder":
-        if cfg.data.root is None:
+    layers = args.layers or min(layers, len(encoder.blocks))  # a default grid of 4 on a shallower encoder: all
+    if not 1 <= layers <= len(encoder.blocks):
+        raise ValueError(f"--layers must be in 1..{len(encoder.blocks)} (the encoder's depth), got {layers}")
+    device = resolve_device(args.device)
+    encoder.to(device)
+    transform = ImageTransform(cfg.model.img_size, cfg.model.in_chans)
+    if args.data_root is not None or cfg.data.dataset == "folder":
+        if args.data_root is None and cfg.data.root is None:
             raise ValueError("the run's data config names no folder (data.root): pass --data-root")
-        train_src, test_src = folder_splits(cfg.data.root)
-    else:
+        train_src, test_src = folder_splits(args.data_root or cfg.data.root)
+        transform = EvalTransform(cfg.model.img_size, cfg.model.in_chans)  # photos: resize, then centre crop
+    else:  # the built-in sets are already at the model's size
         train_src = build_source(cfg.data, cfg.model.img_size, "train")
         test_src = build_source(cfg.data, cfg.model.img_size, "test")
-    transform = ImageTransform(cfg.model.img_size, cfg.model.in_chans)
+    train_count = len(train_src) if args.train_limit is None else min(args.train_limit, len(train_src))
+    classes = np.unique(np.asarray(train_src.labels[:train_count]))
+    if len(classes) < 2:
+        where = args.data_root or cfg.data.root or cfg.data.dataset
+        raise ValueError(f"the training split of '{where}' has {len(classes)} class(es): an evaluation needs at "
+                         "least 2 class folders")
     cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else _default_cache_dir(checkpoint)
-    kw = dict(cache_dir=cache_dir, layers=args.layers, batch_size=args.batch_size, workers=args.workers,
-              progress=not args.no_progress, device=args.device)
+    kw = dict(cache_dir=cache_dir, layers=layers, batch_size=args.batch_size, progress=not args.no_progress,
+              workers=default_workers(device) if args.workers is None else args.workers, device=device)
     train_x, train_y = cached_features(encoder, train_src, transform, limit=args.train_limit, desc="train", **kw)
     test_x, test_y = cached_features(encoder, test_src, transform, limit=args.test_limit, desc="test", **kw)
-    print(f"features: train {train_x.shape}, test {test_x.shape} (per-dimension std {train_x.std(axis=0).mean():.4f})",
-          file=sys.stderr)
+    print(f"features: train {train_x.shape}, test {test_x.shape} on {device} "
+          f"(per-dimension std {train_x.std(axis=0).mean():.4f})", file=sys.stderr)
     info = {"encoder": "random-init" if args.random_init else "pretrained", "checkpoint": str(args.checkpoint),
-            "data": str(args.data_root) if args.data_root else cfg.data.dataset, "layers": args.layers,
-            "feature_dim": int(train_x.shape[1]), "train_images": len(train_x), "test_images": len(test_x)}
+            "data": str(args.data_root) if args.data_root else cfg.data.dataset, "layers": layers,
+            "feature_dim": int(train_x.shape[1]), "train_images": len(train_x), "test_images": len(test_x),
+            "skipped_images": train_count - len(train_x) + (min(args.test_limit or len(test_src), len(test_src))
+                                                            - len(test_x))}
     return EvalFeatures(train_x, train_y, test_x, test_y, info)
 
 

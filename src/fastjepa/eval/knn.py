@@ -14,35 +14,37 @@ import sys
 import numpy as np
 import torch
 
-from .features import add_eval_args, eval_features, percent, report, topk_accuracy
+from .features import add_eval_args, eval_features, percent, report, resolve_device, topk_accuracy
 
 K, TEMPERATURE = 20, 0.07  # DINO eval_knn.py defaults
 
 
 @torch.no_grad()
 def knn_scores(train_x, train_y, test_x, num_classes: int, k: int = K, temperature: float = TEMPERATURE,
-               chunk: int = 1024) -> np.ndarray:
+               chunk: int = 1024, device: str | torch.device = "cpu") -> np.ndarray:
     """Class votes ``[n_test, num_classes]`` (the dtype of the features: float32 or float64).
 
     ``train_x [n_train, F]``, ``train_y [n_train]`` ints in ``[0, num_classes)``, ``test_x [n_test, F]``.
-    Test rows go through in chunks, so memory is ``chunk x n_train`` similarities at a time."""
-    train = torch.nn.functional.normalize(torch.as_tensor(train_x), dim=1)
-    labels = torch.as_tensor(np.asarray(train_y, dtype=np.int64))
+    The train features live on ``device``; test rows go through in chunks, so memory is
+    ``chunk x n_train`` similarities at a time."""
+    train = torch.nn.functional.normalize(torch.as_tensor(train_x).to(device), dim=1)
+    labels = torch.as_tensor(np.asarray(train_y, dtype=np.int64)).to(device)
     k = min(k, len(train))
     out = []
     for start in range(0, len(test_x), chunk):
-        test = torch.nn.functional.normalize(torch.as_tensor(test_x[start:start + chunk]), dim=1)
+        test = torch.nn.functional.normalize(torch.as_tensor(test_x[start:start + chunk]).to(device), dim=1)
         sims, idx = (test @ train.T).topk(k, dim=1)  # [c, k], most similar first
-        votes = torch.zeros(len(test), num_classes, dtype=sims.dtype)
+        votes = torch.zeros(len(test), num_classes, dtype=sims.dtype, device=sims.device)
         votes.scatter_add_(1, labels[idx], (sims / temperature).exp())
-        out.append(votes.numpy())
+        out.append(votes.cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, num_classes), np.asarray(train_x).dtype)
 
 
-def knn_accuracy(train_x, train_y, test_x, test_y, k: int = K, temperature: float = TEMPERATURE) -> dict:
+def knn_accuracy(train_x, train_y, test_x, test_y, k: int = K, temperature: float = TEMPERATURE,
+                 device: str | torch.device = "cpu") -> dict:
     """``{"top1": %, "top5": %}`` of the weighted kNN vote."""
     num_classes = int(max(np.max(train_y), np.max(test_y))) + 1
-    return topk_accuracy(knn_scores(train_x, train_y, test_x, num_classes, k, temperature), test_y)
+    return topk_accuracy(knn_scores(train_x, train_y, test_x, num_classes, k, temperature, device=device), test_y)
 
 
 def main(argv=None) -> int:
@@ -58,7 +60,8 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:  # CheckpointError and ConfigError are ValueErrors
         print(f"knn: error: {err}", file=sys.stderr)
         return 2
-    acc = knn_accuracy(data.train_x, data.train_y, data.test_x, data.test_y, args.k, args.temperature)
+    acc = knn_accuracy(data.train_x, data.train_y, data.test_x, data.test_y, args.k, args.temperature,
+                       device=resolve_device(args.device))
     report({"top1": percent(acc["top1"]), "top5": percent(acc["top5"]), **data.info, "k": args.k,
             "temperature": args.temperature}, args.output)
     return 0

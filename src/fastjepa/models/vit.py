@@ -257,6 +257,23 @@ class VisionTransformer(nn.Module):
             tokens = self.norm(run_blocks(self.blocks, tokens, cu_seqlens, max_seqlen, self.checkpointing))
         return tokens.view(batch, n, dim) if index is None else tokens
 
+    def forward_intermediates(self, images: torch.Tensor, indices: int = 1) -> list[torch.Tensor]:
+        """The outputs of the last ``indices`` blocks, each through the final norm: a list of ``[B, N, D]``,
+        oldest first (timm's name for this seam; the last entry is ``forward(images)``)."""
+        depth = len(self.blocks)
+        if not 1 <= indices <= depth:
+            raise ValueError(f"indices must be in 1..{depth} (the encoder's depth), got {indices}")
+        x = self.patchify(images)
+        batch, n, dim = x.shape
+        x = (x + self.pos_embed.to(x.dtype)).reshape(batch * n, dim)
+        cu_seqlens = uniform_cu_seqlens(batch, n, x.device)
+        out = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, cu_seqlens, n)  # the plain stream (a fused block adds its residual back itself)
+            if i >= depth - indices:
+                out.append(self.norm(x).view(batch, n, dim))
+        return out
+
 
 def build_encoder(cfg) -> VisionTransformer:
     """An encoder from a ``ModelConfig`` (preset widths unless the config overrides them)."""
