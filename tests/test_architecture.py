@@ -27,7 +27,7 @@ ALLOWED = {
     "data": {"config", "masks", "models"},
     "io": {"config", "models", "optim"},
     "train": {"config", "masks", "models", "data", "io"} | LEAVES,
-    "eval": {"config", "data", "models", "io"},
+    "eval": {"config", "data", "models", "io", "train"},  # train.launch only: which ranks share an extraction
     "export": {"config", "models", "io", "train"},  # `fastjepa export`: run folders and ZeRO-3 shards -> one encoder
     **{leaf: set() for leaf in LEAVES},
 }

@@ -392,3 +392,33 @@ def test_cli_torch_probe_reports_the_chosen_setting(run_and_data, capsys):
     assert result["backend"] == "torch" and result["layers"] == 4 and result["feature_dim"] == 128
     assert result["chosen"]["layers"] in (1, 4) and result["chosen"]["lr"] in linear_probe.LEARNING_RATES
     assert 0 <= result["top1"] <= 100
+
+
+def test_extraction_shared_by_two_ranks_under_torchrun(run_and_data, tmp_path, capsys, helpers):
+    """``torchrun --nproc_per_node 2`` (gloo, CPU): each rank extracts every other image, rank 0 gathers
+    them back in order and alone reports; the kNN result equals one process's."""
+    import socket
+    import subprocess
+    import sys
+
+    run, data = run_and_data
+    (data / "train" / "c" / "broken.png").write_bytes(b"garbage")  # skipped on whichever rank reads it
+    args = ["--checkpoint", str(run), "--data-root", str(data), "--no-progress", "--no-cache", "--device", "cpu",
+            "--layers", "2", "--k", "5"]
+    assert knn.main(args) == 0
+    alone, _ = _last_json(capsys)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = helpers.subprocess_env()
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), "-m", "fastjepa.eval.knn", *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, proc.stdout  # rank 0 alone reports
+    shared = json.loads(lines[0])
+    assert shared == alone
+    assert shared["skipped_images"] == 1 and "2 ranks" in proc.stderr

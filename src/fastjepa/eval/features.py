@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
@@ -33,6 +34,7 @@ from ..io.encoder import read_encoder
 from ..io.files import atomic_write
 from ..io.weights import encoder_from_state, inference_config
 from ..models import build_encoder
+from ..train.launch import detect_launch
 
 CACHE_VERSION = "2"  # bump when the feature definition changes
 
@@ -47,10 +49,45 @@ def pooled_features(encoder: nn.Module, images: torch.Tensor, layers: int = 1) -
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the current CUDA device when there is one, else the CPU; any other name as given."""
+    """``auto`` -> this rank's CUDA device when there is one (``LOCAL_RANK`` under a launcher), else the
+    CPU; any other name as given."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", detect_launch().local_rank % torch.cuda.device_count())
     return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The processes that share an extraction: rank ``r`` of ``world`` extracts images ``r, r + world, ...``
+    and rank 0 gathers them back in order (and alone fits and reports)."""
+
+    rank: int = 0
+    world: int = 1
+
+
+ONE_PROCESS = Ranks()
+
+
+def join_ranks(device: torch.device) -> Ranks:
+    """This process's :class:`Ranks` under torchrun, ``srun`` or the deepspeed launcher (joining their
+    process group: NCCL on CUDA, gloo on the CPU); one process without a launcher."""
+    launch = detect_launch()
+    if launch.world_size == 1:
+        return Ranks()
+    if not dist.is_initialized():
+        os.environ.update(launch.torch_env())
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(launch.rank, launch.world_size)
+
+
+def leave_ranks() -> None:
+    """Leave the process group :func:`join_ranks` joined (nothing without one)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def default_workers(device: torch.device) -> int:
@@ -61,13 +98,14 @@ def default_workers(device: torch.device) -> int:
 class _Images(torch.utils.data.Dataset):
     """``(image [C, H, W] or an empty tensor for an unreadable file, index)``."""
 
-    def __init__(self, source, transform, count: int):
-        self.source, self.transform, self.count = source, transform, count
+    def __init__(self, source, transform, indices: range):
+        self.source, self.transform, self.indices = source, transform, indices
 
     def __len__(self):
-        return self.count
+        return len(self.indices)
 
-    def __getitem__(self, i):
+    def __getitem__(self, j):
+        i = self.indices[j]
         try:
             return self.transform(self.source.load(i)), i
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError):  # what PIL raises on a broken file
@@ -84,13 +122,15 @@ def _collate(items):
 @torch.no_grad()
 def extract_features_kept(encoder: nn.Module, source, transform, batch_size: int = 256, limit: int | None = None,
                           layers: int = 1, workers: int = 0, progress: bool = True, desc: str = "features",
-                          device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+                          device: str | torch.device = "cpu", ranks: Ranks = ONE_PROCESS) -> tuple[np.ndarray, np.ndarray]:
     """``(features [n_kept, layers * D] float32, kept [n_kept] int64)``: the features of the readable
     images among the first ``limit`` of ``source`` (all by default), in order, and their indices. The
-    encoder runs in eval mode on ``device``, under bf16 autocast on CUDA."""
+    encoder runs in eval mode on ``device``, under bf16 autocast on CUDA. With several ``ranks`` each
+    extracts its stride and rank 0 returns the whole (the other ranks: empty arrays)."""
     device = torch.device(device)
     count = len(source) if limit is None else min(limit, len(source))
-    loader = torch.utils.data.DataLoader(_Images(source, transform, count), batch_size=batch_size,
+    mine = range(ranks.rank, count, ranks.world)
+    loader = torch.utils.data.DataLoader(_Images(source, transform, mine), batch_size=batch_size,
                                          num_workers=workers, shuffle=False, collate_fn=_collate,
                                          pin_memory=device.type == "cuda")
     was_training = encoder.training
@@ -98,7 +138,7 @@ def extract_features_kept(encoder: nn.Module, source, transform, batch_size: int
     out, kept, skipped = [], [], []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     try:
-        with tqdm(total=count, desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
+        with tqdm(total=len(mine), desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
             for images, good, bad in loader:
                 if good:
                     with autocast:
@@ -109,11 +149,21 @@ def extract_features_kept(encoder: nn.Module, source, transform, batch_size: int
                 bar.update(len(good) + len(bad))
     finally:
         encoder.train(was_training)
+    feats = np.concatenate(out) if out else np.zeros((0, layers * encoder.embed_dim), np.float32)
+    kept = np.asarray(kept, dtype=np.int64)
+    if ranks.world > 1:  # rank 0 takes every rank's share and puts the images back in order
+        parts = [None] * ranks.world if ranks.rank == 0 else None
+        dist.gather_object((feats, kept, skipped), parts, dst=0)
+        if ranks.rank != 0:
+            return feats[:0], kept[:0]
+        feats, kept = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        skipped = sorted(i for p in parts for i in p[2])
+        order = np.argsort(kept, kind="stable")
+        feats, kept = feats[order], kept[order]
     if skipped:
         first = source.describe(skipped[0]) if hasattr(source, "describe") else f"image {skipped[0]}"
         print(f"{desc}: skipped {len(skipped)} unreadable image(s) (the first: {first})", file=sys.stderr)
-    feats = np.concatenate(out) if out else np.zeros((0, layers * encoder.embed_dim), np.float32)
-    return feats, np.asarray(kept, dtype=np.int64)
+    return feats, kept
 
 
 def extract_features(encoder: nn.Module, source, transform, **kw) -> np.ndarray:
@@ -184,7 +234,7 @@ def cached_features(encoder: nn.Module, source, transform, cache_dir: str | Path
     feats, kept = extract_features_kept(encoder, source, transform, limit=count, layers=layers, desc=desc,
                                         **extract_kw)
     labels = labels[kept]
-    if path is not None:
+    if path is not None and extract_kw.get("ranks", ONE_PROCESS).rank == 0:
         _save_npz(path, features=feats, labels=labels, key=np.array(key))
     return feats, labels
 
@@ -264,6 +314,7 @@ class EvalFeatures:
     test_x: np.ndarray
     test_y: np.ndarray
     info: dict = field(default_factory=dict)
+    rank: int = 0  # under a launcher only rank 0 holds the features (and fits and reports)
 
 
 def eval_features(args, layers: int = 1) -> EvalFeatures:
@@ -285,6 +336,7 @@ def eval_features(args, layers: int = 1) -> EvalFeatures:
     if not 1 <= layers <= len(encoder.blocks):
         raise ValueError(f"--layers must be in 1..{len(encoder.blocks)} (the encoder's depth), got {layers}")
     device = resolve_device(args.device)
+    ranks = join_ranks(device)
     encoder.to(device)
     transform = ImageTransform(cfg.model.img_size, cfg.model.in_chans)
     if args.data_root is not None or cfg.data.dataset == "folder":
@@ -303,10 +355,13 @@ def eval_features(args, layers: int = 1) -> EvalFeatures:
                          "least 2 class folders")
     cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else _default_cache_dir(checkpoint)
     kw = dict(cache_dir=cache_dir, layers=layers, batch_size=args.batch_size, progress=not args.no_progress,
-              workers=default_workers(device) if args.workers is None else args.workers, device=device)
+              workers=default_workers(device) if args.workers is None else args.workers, device=device, ranks=ranks)
     train_x, train_y = cached_features(encoder, train_src, transform, limit=args.train_limit, desc="train", **kw)
     test_x, test_y = cached_features(encoder, test_src, transform, limit=args.test_limit, desc="test", **kw)
-    print(f"features: train {train_x.shape}, test {test_x.shape} on {device} "
+    if ranks.rank != 0:
+        return EvalFeatures(train_x, train_y, test_x, test_y, {}, rank=ranks.rank)
+    where = f"{device}, {ranks.world} ranks" if ranks.world > 1 else str(device)
+    print(f"features: train {train_x.shape}, test {test_x.shape} on {where} "
           f"(per-dimension std {train_x.std(axis=0).mean():.4f})", file=sys.stderr)
     info = {"encoder": "random-init" if args.random_init else "pretrained", "checkpoint": str(args.checkpoint),
             "data": str(args.data_root) if args.data_root else cfg.data.dataset, "layers": layers,

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import torch
 
-from .features import add_eval_args, eval_features, percent, report, resolve_device, topk_accuracy
+from .features import add_eval_args, eval_features, leave_ranks, percent, report, resolve_device, topk_accuracy
 
 K, TEMPERATURE = 20, 0.07  # DINO eval_knn.py defaults
 
@@ -60,6 +60,9 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:  # CheckpointError and ConfigError are ValueErrors
         print(f"knn: error: {err}", file=sys.stderr)
         return 2
+    leave_ranks()  # under a launcher the features are on rank 0 now: it alone fits and reports
+    if data.rank != 0:
+        return 0
     acc = knn_accuracy(data.train_x, data.train_y, data.test_x, data.test_y, args.k, args.temperature,
                        device=resolve_device(args.device))
     report({"top1": percent(acc["top1"]), "top5": percent(acc["top5"]), **data.info, "k": args.k,

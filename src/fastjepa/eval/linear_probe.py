@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from .features import add_eval_args, eval_features, percent, report, resolve_device, topk_accuracy
+from .features import add_eval_args, eval_features, leave_ranks, percent, report, resolve_device, topk_accuracy
 
 LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # per 256 images: a log grid, as DINOv2 sweeps
 HELD_OUT = 0.1  # DINOv2 chooses on 10 % of train
@@ -129,6 +129,9 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:  # CheckpointError and ConfigError are ValueErrors
         print(f"linear_probe: error: {err}", file=sys.stderr)
         return 2
+    leave_ranks()  # under a launcher the features are on rank 0 now: it alone fits and reports
+    if data.rank != 0:
+        return 0
     start = time.perf_counter()
     if args.backend == "sklearn":
         acc = probe_accuracy(data.train_x, data.train_y, data.test_x, data.test_y, args.C, args.max_iter)
