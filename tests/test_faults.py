@@ -262,6 +262,49 @@ def test_a_rank_stops_when_its_launcher_is_gone(helpers):
             child.kill()
 
 
+class GlooRanks:
+    """The two collectives :meth:`StopRequests.poll` uses, over a real gloo group (as DeepSpeedBackend)."""
+
+    def all_reduce_sum(self, values):
+        import torch.distributed as dist
+        dist.all_reduce(values)
+        return values
+
+    def gather_objects(self, obj):
+        import torch.distributed as dist
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def _poll_on_rank(rank, store_path, results):
+    import torch.distributed as dist
+    from fastjepa.train.signals import StopRequests
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    stop, ranks = StopRequests(), GlooRanks()
+    seen = [stop.poll(ranks)]  # nothing requested
+    if rank == 1:
+        stop.save_now = True
+    seen.append(stop.poll(ranks))  # a save on rank 1 only
+    if rank == 1:
+        stop.signal = signal.SIGTERM
+    seen.append(stop.poll(ranks))  # a stop that only rank 1 has seen so far
+    results[rank] = seen
+    dist.destroy_process_group()
+
+
+def test_every_rank_names_the_stop_another_rank_saw_first(tmp_path):
+    """Two gloo ranks: a save or stop request seen on one rank is acted on by both at the same poll, and the
+    rank that did not see it names the cause and the rank (the line rank 0 prints), not just "another rank"."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_poll_on_rank, args=(str(tmp_path / "store"), results), nprocs=2)
+    assert results[1] == [(None, False), (None, True), ("signal 15 (SIGTERM)", False)]
+    assert results[0] == [(None, False), (None, True), ("signal 15 (SIGTERM) (seen on rank 1)", False)]
+
+
 # ---- corrupt newest checkpoint -------------------------------------------------------------------------
 
 class Arbitrary:

@@ -61,11 +61,20 @@ class StopRequests:
             self.signal = signum
 
     def poll(self, backend) -> tuple[str | None, bool]:
-        """``(why to stop or None, whether to save now)``, agreed by every rank (a host sync under DeepSpeed)."""
-        flags = torch.tensor([float(self.reason is not None), float(self.save_now)], dtype=torch.float64)
+        """``(why to stop or None, whether to save now)``, agreed by every rank (a host sync under DeepSpeed).
+        On a stop the ranks also share their reasons, so a rank that has not yet seen the signal or the lost
+        launcher itself (its watch runs a moment later) still names the cause."""
+        reason = self.reason  # one snapshot: a handler or the watch thread may set it meanwhile
+        flags = torch.tensor([float(reason is not None), float(self.save_now)], dtype=torch.float64)
         stop, save = (backend.all_reduce_sum(flags) > 0).tolist()
         self.save_now = False
-        return (self.reason or "a stop request on another rank") if stop else None, save
+        if not stop:
+            return None, save
+        reasons = backend.gather_objects(reason)  # every rank takes part; a stop is rare, so it costs nothing
+        if reason is not None:
+            return reason, save
+        rank = next(r for r, why in enumerate(reasons) if why is not None)
+        return f"{reasons[rank]} (seen on rank {rank})", save
 
     # ---- launchers --------------------------------------------------------------------------------
     def _watch_parents(self) -> None:
