@@ -279,6 +279,7 @@ class GlooRanks:
 
 def _poll_on_rank(rank, store_path, results):
     import torch.distributed as dist
+
     from fastjepa.train.signals import StopRequests
 
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
