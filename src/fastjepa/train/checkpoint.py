@@ -9,8 +9,8 @@ handles only what every backend shares.
 
 Resuming takes the newest checkpoint that loads: one that does not (truncated, empty, damaged, not a
 checkpoint, missing keys) is named in one line with its reason, moved to ``checkpoints/corrupt/``, and the
-one before it is tried. Before any weights are loaded, ``accept(state)`` sees the checkpoint's state (the
-trainer compares its config with the current one there).
+one before it is tried. Before any weights are loaded, the checkpoint's config is compared with the
+current one (``resume_config.py``).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from ..io.files import (
     verify_checkpoint_file,
 )
 from ..io.train_state import TrainState
+from .resume_config import check_resume_config
 
 CORRUPT_DIR = "corrupt"  # checkpoints/corrupt/: checkpoints that did not load, kept for a post-mortem
 Accept = Callable[[TrainState, str], None]  # (state, where): raises to refuse a checkpoint before it loads
@@ -115,10 +116,18 @@ class Checkpoints:
             export_safetensors(self.output_dir / TARGET_FILE, target,
                                metadata={"step": str(state.step), "config": json.dumps(state.config)})
 
-    def resume(self, accept: Accept = lambda state, where: None) -> tuple[TrainState, str] | None:
-        """Load the newest checkpoint that loads into the models and optimizer: ``(state, where)``, or None."""
+    def resume(self, config: dict, say: Callable[[str], None]) -> tuple[TrainState, str] | None:
+        """Load the newest checkpoint that loads into the models and optimizer: ``(state, where)``, or None.
+        A checkpoint whose config differs from ``config`` in a way that matters is refused before its
+        weights load; a harmless difference is a warning through ``say``."""
+        def accept(state: TrainState, where: str) -> None:
+            for line in check_resume_config(state.config, config, state.step, where):
+                say(f"fastjepa: warning: {line}")
+
         found = self.store.load_latest(accept)
-        if found is not None:
+        if found is None:
+            say(f"fastjepa: --resume found no checkpoint in {self.output_dir / 'checkpoints'}; starting from step 0")
+        else:
             self.saved_step = found[0].step
         return found
 

@@ -55,12 +55,13 @@ class MetricsWindow:
         self._reset_host()
 
     def _reset_host(self) -> None:
-        self.images, self.ctx_tokens, self.tgt_tokens, self.flops, self.data_wait = 0, 0, 0, 0.0, 0.0
+        self.steps, self.images, self.ctx_tokens, self.tgt_tokens, self.flops, self.data_wait = 0, 0, 0, 0, 0.0, 0.0
         self.start = time.perf_counter()
 
     def add(self, out: dict, micro_batches, data_wait: float) -> None:
         self.loss += torch.where(out["skipped"], 0.0, out["loss"])  # a skipped step's NaN stays out
         self.finite += ~out["skipped"]
+        self.steps += 1
         self.data_wait += data_wait
         for b in micro_batches:
             self.images += b.masks.batch_size
@@ -96,6 +97,7 @@ class MetricsWindow:
             "pred_feature_std": float(out["pred_feature_std"]),
             "skipped_images": int(skipped),
             "skipped_steps": int(skipped_steps),
+            "window_steps": self.steps,  # the steps averaged (fewer in the first window after a resume)
         }
         if "target_rankme" in out:
             record["target_rankme"] = float(out["target_rankme"])

@@ -87,5 +87,14 @@ class TrainStep:
         return {"loss": loss_mean, "skipped": found_inf, "grad_norm": grad_norm, "lr": lr, "wd": wd,
                 "momentum": momentum, **stats}
 
+    # ---- the counters in a checkpoint ------------------------------------------------------------------
+    def counters(self) -> dict:
+        """``skipped_steps`` and ``nonfinite_run`` on the CPU, as :class:`~fastjepa.io.train_state.TrainState` holds them."""
+        return {"skipped_steps": self.skipped_steps.cpu(), "nonfinite_run": self.nonfinite_run.cpu()}
+
+    def load_counters(self, state) -> None:
+        self.skipped_steps.copy_(torch.as_tensor(state.skipped_steps))
+        self.nonfinite_run.copy_(torch.as_tensor(state.nonfinite_run))
+
 
 __all__ = ["TrainStep"]

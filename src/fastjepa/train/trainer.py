@@ -29,7 +29,6 @@ from .checkpoint import Checkpoints
 from .exits import EXIT_DATA, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_OK, EXIT_SAVE, stop_line
 from .metrics import MetricsLogger, MetricsWindow, check_monitoring
 from .online_probe import build_online_probe
-from .resume_config import check_resume_config
 from .run_dir import RunDir
 from .signals import StopRequests
 from .step import TrainStep
@@ -63,14 +62,12 @@ class Trainer:
         self.step_fn = TrainStep(cfg, self.backend, self.model.encoder.ops_backend)
         self.checkpoints = Checkpoints(self.output_dir, self.backend, cfg.train.keep_checkpoints)
         self.data, loader_line = build_batch_stream(cfg, self.model.encoder.grid, self.rank, self.world_size, self.device)
-        self.say(f"fastjepa: data loader: {loader_line}")
-        self.say(batch_summary(cfg, self.world_size, self.data.steps_per_epoch))
-        if (warning := global_batch_warning(cfg, self.world_size)) is not None:
-            self.say(warning)
         self.probe, probe_note = build_online_probe(cfg, self.model.encoder.embed_dim, self.device)  # or None
         self.step_fn.probe = self.probe
-        if probe_note:
-            self.say(probe_note)
+        for line in (f"fastjepa: data loader: {loader_line}", batch_summary(cfg, self.world_size, self.data.steps_per_epoch),
+                     global_batch_warning(cfg, self.world_size), probe_note):
+            if line:
+                self.say(line)
         self.step = 0  # optimizer steps done
         self.skipped_images = 0  # this rank's count (rank 0 also carries the resumed total)
         self.stop = StopRequests(watch=self.backend.orphan_watch())
@@ -106,8 +103,7 @@ class Trainer:
         skipped = self.backend.all_reduce_sum(torch.tensor([float(self.skipped_images)], dtype=torch.float64))
         loader_state = self.data.state_dict()
         return TrainState(step=self.step, config=self.cfg.to_dict(), skipped_images=int(skipped.item()),
-                          skipped_steps=self.step_fn.skipped_steps.cpu(), nonfinite_run=self.step_fn.nonfinite_run.cpu(),
-                          torch_rng=torch.get_rng_state(),
+                          torch_rng=torch.get_rng_state(), **self.step_fn.counters(),
                           data=None if loader_state is None else self.backend.gather_objects(loader_state))
 
     def save(self, final: bool = False) -> None:
@@ -116,22 +112,14 @@ class Trainer:
             self.probe.save(self.output_dir / "checkpoints", self.step)
 
     def resume(self) -> None:
-        def accept(state: TrainState, where: str) -> None:  # before any weights load
-            for line in check_resume_config(state.config, self.cfg.to_dict(), state.step, where):
-                self.say(f"fastjepa: warning: {line}")
-
-        found = self.checkpoints.resume(accept)
-        if found is None:
-            self.say(f"fastjepa: --resume found no checkpoint in {self.output_dir / 'checkpoints'}; starting from step 0")
-        state, where = found or (None, None)
+        state, where = self.checkpoints.resume(self.cfg.to_dict(), say=self.say) or (None, None)
         self.step = state.step if state else 0
         self.run_dir.truncate_metrics(self.step, say=self.say)  # steps logged after the checkpoint come again
         if state is None:
             return
         # the saved count is the sum over ranks: rank 0 carries it on, so sums stay right on any world size
         self.skipped_images = state.skipped_images if self.is_main else 0
-        self.step_fn.skipped_steps.copy_(torch.as_tensor(state.skipped_steps))
-        self.step_fn.nonfinite_run.copy_(torch.as_tensor(state.nonfinite_run))
+        self.step_fn.load_counters(state)
         if state.torch_rng is not None:
             torch.set_rng_state(state.torch_rng.cpu())
         if self.probe is not None:
@@ -164,7 +152,7 @@ class Trainer:
         batches = self.data.iterate(self.step * accum, t.max_steps * accum)
         logger = MetricsLogger(self.output_dir, t.max_steps, self.step, enabled=self.is_main,
                                progress=t.progress, tensorboard=t.tensorboard, wandb=t.wandb, config=self.cfg.to_dict())
-        window, logged = MetricsWindow(self.model, self.device, probe=self.probe), self.step
+        window = MetricsWindow(self.model, self.device, probe=self.probe)
         # the host reads device state only every check_every steps; ranks agree on stopping as often (one rank
         # has nobody to agree with: it stops at the first step boundary after a signal)
         check_every = min(t.log_every, max(1, t.max_nonfinite_steps))
@@ -179,10 +167,9 @@ class Trainer:
                 self.skipped_images += sum(b.skipped for b in micro)
                 window.add(out, micro, wait)
                 logger.advance()
-                if log_now:  # window_steps: the steps averaged (fewer in the first window after a resume)
-                    logger.log({**window.record(self.step, micro[-1].epoch, out, self.backend, self.skipped_images,
-                                                self.step_fn.skipped_steps), "window_steps": self.step - logged})
-                    logged = self.step
+                if log_now:
+                    logger.log(window.record(self.step, micro[-1].epoch, out, self.backend, self.skipped_images,
+                                             self.step_fn.skipped_steps))
                 if self.step % check_every == 0 and int(self.step_fn.nonfinite_run) >= t.max_nonfinite_steps:
                     self.save(final=True)
                     logger.message(f"fastjepa: stopping: {int(self.step_fn.nonfinite_run)} non-finite steps in a row "
