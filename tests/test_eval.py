@@ -204,7 +204,9 @@ def test_extraction_batches_and_cache(encoder, image_tree, tmp_path, monkeypatch
     monkeypatch.setattr(F, "extract_features_kept", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
     F.cached_features(encoder, source, transform, cache, limit=10, layers=2, progress=False)  # other options
     with torch.no_grad():
-        encoder.blocks[0].mlp.fc2.bias.add_(0.1)  # other weights
+        # other weights (random: a constant added to the residual stream would vanish in every LayerNorm)
+        fc2 = encoder.blocks[0].mlp.fc2.weight
+        fc2.add_(0.1 * torch.randn(fc2.shape, generator=torch.Generator().manual_seed(0)))
     changed, _ = F.cached_features(encoder, source, transform, cache, limit=10, progress=False)
     os.utime(source.files[3], ns=(0, 0))  # an image file changed
     F.cached_features(encoder, source, transform, cache, limit=10, progress=False)
