@@ -196,7 +196,9 @@ def test_single_tokens_zero_lengths_and_custom_scale():
         if n == 1:
             row = cu[i]
             torch.testing.assert_close(got[0][row], qkv[row, 2])
-            assert got[1][row].abs().max() < 1e-6 and got[2][row].abs().max() < 1e-6
+            # exactly 0 in exact math (dS = P (dP - D) with P = 1, D = dP); fp32 leaves the rounding of D - dP,
+            # ~ eps * |dout . v| ~ 1e-6 here, so the bound is the fp64 comparison's atol above
+            assert got[1][row].abs().max() < 2e-6 and got[2][row].abs().max() < 2e-6
 
 
 def test_strided_views():
